@@ -1,0 +1,38 @@
+"""Roofline latency estimates from a target's peak throughput and memory bandwidth.
+
+Estimates only: peaks are assumed reached; launch overhead, caches and unit-to-unit transfers are ignored.
+"""
+
+from __future__ import annotations
+
+from edgec.errors import UserError
+from edgec.targets import ComputeUnit, Target
+
+
+def best_unit(target: Target, precision: str) -> ComputeUnit:
+    """The unit with the highest peak at `precision`; memory is shared, so it is also the fastest."""
+    units = [u for u in target.units if precision in u.peak_ops]
+    if not units:
+        raise UserError(
+            f"target {target.name!r} has no unit that computes in {precision}",
+            f"choose one of: {', '.join(target.precisions)}",
+        )
+    return max(units, key=lambda u: u.peak_ops[precision])
+
+
+def estimate_node_seconds(
+    flops: float, bytes_moved: float, target: Target, precision: str, unit: str | None = None
+) -> float:
+    """Roofline estimate of one node: max(compute time, memory time) on `unit`, or on the best unit."""
+    if flops < 0 or bytes_moved < 0:
+        raise ValueError(f"flops and bytes_moved must be >= 0, got {flops}, {bytes_moved}")
+    if unit is None:
+        chosen = best_unit(target, precision)
+    else:
+        chosen = target.unit(unit)
+        if precision not in chosen.peak_ops:
+            raise UserError(
+                f"unit {unit!r} of target {target.name!r} does not compute in {precision}",
+                f"choose one of: {', '.join(chosen.precisions)}",
+            )
+    return max(flops / chosen.peak_ops[precision], bytes_moved / target.memory_bandwidth)
