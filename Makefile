@@ -1,0 +1,35 @@
+# One command sets up and runs the main job on a real model (make demo); one runs the tests (make test).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch gets its own step first: torch==2.13.0 is the CPU build, any looser spec pulls a multi-GB
+# CUDA build. The core package does not need torch; the [torch] extra and the tests do.
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch,data,dev]'
+	touch $@
+
+# Export the shipped all-MiniLM-L6-v2 with both torch exporters, tokenize the gensim test sentences,
+# then compile both exports for x86-64, verified on the 200 polarity sentences.
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/export_minilm.py --out $(OUT)/models
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/prepare_data.py --out $(OUT)/data
+	$(BIN)/edgec compile $(OUT)/models/minilm-dynamo.onnx --target x86-64 --inputs $(OUT)/data/polarity.npz -o $(OUT)/minilm-dynamo-x86-64
+	$(BIN)/edgec compile $(OUT)/models/minilm-torchscript.onnx --target x86-64 --inputs $(OUT)/data/polarity.npz -o $(OUT)/minilm-torchscript-x86-64
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --durations=15
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_compile.py
+
+clean:
+	rm -rf $(OUT) .cache

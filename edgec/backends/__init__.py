@@ -1,0 +1,75 @@
+"""Backends turn the final IR into the artifact a target's runtime loads, and run that artifact.
+
+A backend says which targets it serves (`supports`), whether its toolchain is installed here
+(`unavailable_reason`), writes the artifact (`emit`) and runs it in the real runtime (`run`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.plugins import Registry
+
+
+class RuntimeUnavailable(Exception):
+    """The artifact's runtime cannot run on this machine (e.g. Core ML off macOS): skip, with the reason."""
+
+
+@dataclass
+class Artifact:
+    backend: str
+    path: Path                       # the file (or folder) the runtime loads
+    files: list[Path] = field(default_factory=list)  # everything written, path included
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        total = 0
+        for f in self.files:
+            if f.is_dir():
+                total += sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
+            elif f.exists():
+                total += f.stat().st_size
+        return total
+
+
+class Backend:
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # Precisions this backend can emit.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    def unavailable_reason(self) -> str | None:
+        """None when the toolchain is installed; otherwise what is missing and how to install it."""
+        return None
+
+    def supports(self, target) -> bool:
+        return self.name in target.backends
+
+    def lowering_pipeline(self, target, precision: str) -> str:
+        """Passes that put the IR into the form this backend's runtime runs best (may be empty)."""
+        return ""
+
+    def emit(self, model: ir.Model, outdir: Path, *, target, precision: str, stem: str = "model") -> Artifact:
+        raise NotImplementedError
+
+    def run(self, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _builtin_backends() -> dict[str, type[Backend]]:
+    from edgec.backends.onnxruntime import OnnxRuntimeBackend
+
+    return {OnnxRuntimeBackend.name: OnnxRuntimeBackend}
+
+
+BACKENDS: Registry[type[Backend]] = Registry("backend", "edgec.backends", _builtin_backends)
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS.get(name)()

@@ -1,0 +1,38 @@
+"""onnxruntime backend: an optimized, portable .onnx that any onnxruntime (CPU, mobile, QNN EP) loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec import ir as eir
+from edgec.backends import Artifact, Backend
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    description = "optimized ONNX for onnxruntime"
+    precisions = ("fp32",)
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed: pip install onnxruntime"
+        return None
+
+    def emit(self, model: ir.Model, outdir: Path, *, target, precision: str, stem: str = "model") -> Artifact:
+        path = eir.save(model, Path(outdir) / f"{stem}.onnx")
+        files = [path]
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            files.append(data)
+        return Artifact(self.name, path, files, {"opset": dict(model.opset_imports)})
+
+    def run(self, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from edgec.verify import run_model
+
+        return run_model(artifact.path, feeds)

@@ -1,0 +1,336 @@
+"""What each `edgec` subcommand does, printed with rich (tables on stdout, progress on stderr)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from edgec import ir as eir
+from edgec.cli import _console
+from edgec.errors import UserError
+from edgec.report import dumps
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _status(message: str):
+    """A spinner on stderr when it is a terminal; silent otherwise (CI logs stay readable)."""
+    console = _console(stderr=True)
+    if console.is_terminal:
+        return console.status(message)
+    import contextlib
+
+    return contextlib.nullcontext(type("S", (), {"update": lambda self, *a, **k: None})())
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def cmd_compile(args) -> int:
+    from edgec.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(
+        target=args.target,
+        outdir=Path(args.output),
+        precision=args.precision,
+        inputs=args.inputs,
+        calib=args.calib,
+        pipeline=args.pipeline,
+        backend=args.backend,
+        tolerance=args.tolerance,
+        exporter=args.exporter,
+        debug_counter=args.debug_counter,
+        verify_each=args.verify_each,
+        dump_ir=args.dump_ir,
+    )
+    err = _console(stderr=True)
+    with _status("compiling") as status:
+        result = compile_model(args.model, options, progress=lambda m: status.update(m))
+    report = result.report
+    if args.json:
+        print(dumps(report))
+    else:
+        _print_compile(report, _console())
+    if not result.passed:
+        err.print(
+            f"edgec: verification failed: {'; '.join(result.failures)}. The artifact was not written; "
+            f"report in {result.report_path}. Widen with --tolerance, or find the pass with --verify-each.",
+            markup=False,
+        )
+        return 1
+    return 0
+
+
+def _print_compile(report: dict, console) -> None:
+    v, s = report["verification"], report["sizes"]
+    console.print(f"[bold]{report['source']}[/] -> {report['target']} via {report['backend']} ({report['precision']})")
+    table = Table(title="passes", show_edge=False)
+    for col in ("pass", "runs", "changed", "nodes removed", "stats", "time"):
+        table.add_column(col, justify="right" if col in ("runs", "nodes removed", "time") else "left")
+    for row in report["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in row["stats"].items() if v)
+        table.add_row(row["pass"], str(row["runs"]), "yes" if row["modified"] else "no", str(row["nodes_removed"]), stats, f"{row['seconds']:.2f}s")
+    console.print(table)
+    summary = Table(show_header=False, show_edge=False)
+    summary.add_column()
+    summary.add_column()
+    summary.add_row("nodes", f"{s['original_nodes']} -> {s['final_nodes']}")
+    summary.add_row("size", f"{_fmt_bytes(s['original_bytes'])} -> {_fmt_bytes(s['artifact_bytes'])}")
+    summary.add_row(
+        "verification",
+        f"cosine mean {v['cosine_mean']:.7f} min {v['cosine_min']:.7f}, SQNR {v['sqnr_db']:.1f} dB, "
+        f"max abs err {v['max_abs_error']:.3g} on {v['samples']} samples ({v['inputs']}) in {v['verified_in']}",
+    )
+    summary.add_row("status", "[green]passed[/]" if v["passed"] else f"[red]failed: {'; '.join(v['failures'])}[/]")
+    if report["artifact"]:
+        summary.add_row("artifact", report["artifact"])
+    for note in report["notes"]:
+        summary.add_row("note", note)
+    console.print(summary)
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def inspect_model(model_path: str, target_name: str | None = None, exporter: str = "dynamo") -> dict:
+    from edgec.analysis.cost import model_cost
+    from edgec.sources import load_source
+    from edgec.targets import get_target
+    from edgec.verify.inputs import graph_inputs
+
+    target = get_target(target_name) if target_name else None
+    original_opset = None
+    source = Path(model_path)
+    if source.is_file():
+        proto_opset = eir.load(source).opset_imports.get("")
+        original_opset = proto_opset
+    model, onnx_path, tmp = load_source(model_path, exporter=exporter)
+    try:
+        cost = model_cost(model)
+        hist = eir.op_histogram(model)
+
+        def describe(v):
+            dims = [d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in (v.shape or [])]
+            return {"name": v.name, "dtype": str(v.dtype.name).lower() if v.dtype else None, "shape": dims if v.shape is not None else None}
+
+        info = {
+            "model": str(model_path),
+            "opset": {"original": original_opset or model.opset_imports.get(""), "normalized": model.opset_imports.get("")},
+            "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+            "inputs": [describe(v) for v in graph_inputs(model)],
+            "outputs": [describe(v) for v in model.graph.outputs],
+            "nodes": sum(hist.values()),
+            "ops": dict(hist.most_common()),
+            "parameters": cost.parameters,
+            "parameter_bytes": cost.parameter_bytes,
+            "file_bytes": eir.file_bytes(onnx_path),
+            "flops": cost.flops,
+            "flops_bindings": cost.bindings,
+        }
+        if target is not None:
+            from edgec.targets.cost import estimate_node_seconds
+
+            unsupported = target.unsupported_ops(hist.keys())
+            precision = "fp32" if "fp32" in target.precisions else target.precisions[0]
+            estimate = sum(estimate_node_seconds(n.flops, n.bytes, target, precision) for n in cost.nodes)
+            info["target"] = {
+                "name": target.name,
+                "unsupported_ops": {op: list(why) for op, why in unsupported.items()},
+                "estimated_latency_s": estimate,
+                "estimate_precision": precision,
+                "estimate_note": "roofline estimate from the profile's peak throughput and bandwidth, not a measurement",
+            }
+        return info
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def cmd_inspect(args) -> int:
+    with _status("inspecting"):
+        info = inspect_model(args.model, args.target, args.exporter)
+    if args.json:
+        print(dumps(info))
+        return 0
+    console = _console()
+    console.print(f"[bold]{info['model']}[/]  opset {info['opset']['original']} (normalized to {info['opset']['normalized']}), {info['producer']}")
+    io_table = Table(title="inputs and outputs", show_edge=False)
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io_table.add_row(kind[:-1], v["name"], v["dtype"] or "?", "x".join(map(str, v["shape"])) if v["shape"] is not None else "?")
+    console.print(io_table)
+    ops = Table(title=f"ops ({info['nodes']} nodes)", show_edge=False)
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    b = info["flops_bindings"]
+    console.print(
+        f"parameters {info['parameters']:,} ({_fmt_bytes(info['parameter_bytes'])}), file {_fmt_bytes(info['file_bytes'])}, "
+        f"~{info['flops'] / 1e9:.2f} GFLOPs per run (estimate at batch={b['batch']}, other dynamic dims={b['*']})"
+    )
+    if "target" in info:
+        t = info["target"]
+        if t["unsupported_ops"]:
+            table = Table(title=f"ops {t['name']} cannot run", show_edge=False)
+            table.add_column("op")
+            table.add_column("why")
+            for op, why in t["unsupported_ops"].items():
+                table.add_row(op, "; ".join(why))
+            console.print(table)
+        else:
+            console.print(f"every op runs on {t['name']}")
+        console.print(f"estimated latency on {t['name']} ({t['estimate_precision']}): {t['estimated_latency_s'] * 1e3:.2f} ms ({t['estimate_note']})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- opt
+def cmd_opt(args) -> int:
+    from edgec.passes.core import DebugCounter, PassContext
+    from edgec.passes.instruments import PrintAfterChange, VerifyAfterEachPass
+    from edgec.passes.manager import PassManager
+    from edgec.sources import load_source
+    from edgec.targets import get_target
+
+    src = Path(args.model)
+    out = Path(args.output)
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise UserError(f"output {out} is the input model", "write to another path (edgec never modifies its input)")
+    if out.exists() and out.is_dir():
+        raise UserError(f"output {out} is a folder", "pass a file path ending in .onnx")
+    target = get_target(args.target) if args.target else None
+    manager = PassManager(args.pipeline)
+    counter = DebugCounter.parse(args.debug_counter)
+    model, onnx_path, tmp = load_source(args.model, exporter=args.exporter)
+    try:
+        instruments = []
+        if args.print_after_change:
+            instruments.append(PrintAfterChange(stream=sys.stdout))
+        if args.verify_each:
+            from edgec.verify import generate_inputs, run_model
+
+            feeds = generate_inputs(model)
+            instruments.append(VerifyAfterEachPass(feeds, run_model(onnx_path, feeds)))
+        manager.ctx = PassContext(target=target, counter=counter, instruments=instruments)
+        before = eir.node_count(model)
+        with _status("optimizing") as status:
+            instruments.insert(0, _StatusInstrument(status))
+            result = manager.run(model)
+        eir.verify(result.model)
+        eir.save(result.model, out)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    err = _console(stderr=True)
+    if args.stats:
+        table = Table(title="pass statistics", show_edge=False)
+        for col in ("pass", "runs", "changed", "nodes removed", "stats", "time"):
+            table.add_column(col)
+        for row in result.summary():
+            stats = ", ".join(f"{k}={v}" for k, v in row["stats"].items() if v)
+            table.add_row(row["pass"], str(row["runs"]), "yes" if row["modified"] else "no", str(row["nodes_removed"]), stats, f"{row['seconds']:.2f}s")
+        err.print(table)
+    err.print(f"wrote {out}: {before} -> {eir.node_count(result.model)} nodes", markup=False)
+    return 0
+
+
+class _StatusInstrument:
+    def __init__(self, status):
+        self.status = status
+
+    def before_pass(self, pass_, model, ctx):
+        self.status.update(f"pass {pass_.spec()}")
+
+    def after_pass(self, pass_, model, ctx, record):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- passes / targets
+def cmd_passes(args) -> int:
+    from edgec.passes.registry import NAMED_PIPELINES, PASSES
+
+    rows = []
+    for name in PASSES.names():
+        cls = PASSES.get(name)
+        import dataclasses
+
+        opts = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options)] if dataclasses.is_dataclass(cls.Options) else []
+        rows.append({"name": name, "summary": cls.summary(), "options": opts, "origin": PASSES.origin(name)})
+    if args.json:
+        print(dumps({"passes": rows, "pipelines": NAMED_PIPELINES}))
+        return 0
+    console = _console()
+    table = Table(title="passes", show_edge=False)
+    for col in ("name", "what it does", "options", "from"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["summary"], ", ".join(r["options"]), r["origin"])
+    console.print(table)
+    pipes = Table(title="named pipelines", show_edge=False)
+    pipes.add_column("name")
+    pipes.add_column("expands to")
+    for name, text in NAMED_PIPELINES.items():
+        pipes.add_row(name, text)
+    console.print(pipes)
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from edgec.targets import get_target, target_names
+
+    if args.action == "show":
+        if not args.name:
+            raise UserError("edgec targets show needs a target name", f"e.g. edgec targets show {target_names()[0]}")
+        target = get_target(args.name)
+        data = target.to_dict()
+        if args.json:
+            print(dumps(data))
+            return 0
+        _print_target(data, _console())
+        return 0
+    if args.name:
+        raise UserError(f"unexpected argument {args.name!r}", "use `edgec targets show NAME`")
+    targets = [get_target(n) for n in target_names()]
+    if args.json:
+        print(dumps([t.to_dict() for t in targets]))
+        return 0
+    table = Table(title="targets", show_edge=False)
+    for col in ("name", "device", "units", "precisions", "backends"):
+        table.add_column(col)
+    for t in targets:
+        table.add_row(t.name, t.description, ", ".join(u.name for u in t.units), ", ".join(t.precisions), ", ".join(t.backends))
+    _console().print(table)
+    return 0
+
+
+def _print_target(data: dict, console) -> None:
+    console.print(f"[bold]{data['name']}[/]: {data['description']}")
+    for key in ("arch", "memory_bandwidth", "memory_size", "backends", "default_pipeline", "precisions", "cpu_features"):
+        if key in data:
+            value = data[key]
+            if key == "memory_bandwidth":
+                value = f"{value / 1e9:.1f} GB/s"
+            elif key == "memory_size":
+                value = _fmt_bytes(value)
+            elif isinstance(value, (list, tuple)):
+                value = ", ".join(map(str, value))
+            console.print(f"  {key}: {value}", markup=False)
+    table = Table(title="compute units", show_edge=False)
+    for col in ("unit", "kind", "description", "peak", "ops"):
+        table.add_column(col)
+    for u in data.get("units", []):
+        peak = ", ".join(f"{p} {v / 1e12:.2f} T/s" for p, v in u.get("peak_ops", {}).items())
+        ops = "any" if u.get("ops") is None else f"{len(u['ops'])} ops"
+        table.add_row(u["name"], u["kind"], u["description"], peak, ops)
+    console.print(table)

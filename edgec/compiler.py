@@ -1,0 +1,269 @@
+"""`edgec compile`: source -> IR -> target pipeline -> backend artifact -> verification -> report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import edgec
+from edgec import ir as eir
+from edgec.backends import BACKENDS, Artifact, Backend, RuntimeUnavailable
+from edgec.errors import UserError
+from edgec.passes.core import DebugCounter, PassContext
+from edgec.passes.instruments import Instrument, PrintAfterChange, VerifyAfterEachPass
+from edgec.passes.manager import PassManager
+from edgec.report import write_json
+from edgec.sources import load_source
+from edgec.targets import Target, get_target
+from edgec.verify import check_tolerance, compare, generate_inputs, load_inputs, parse_tolerance, run_model
+
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+# What this build can emit. The rest are accepted by the parser and refused with a clear reason.
+IMPLEMENTED_PRECISIONS = ("fp32",)
+
+
+class VerificationFailed(Exception):
+    """The artifact does not compute what the original did, within the tolerance. Exit code 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class CompileOptions:
+    target: str
+    outdir: Path = Path("out")
+    precision: str = "fp32"
+    inputs: Path | None = None
+    calib: Path | None = None
+    pipeline: str | None = None
+    backend: str | None = None
+    tolerance: str | None = None
+    exporter: str = "dynamo"
+    debug_counter: str | None = None
+    verify_each: bool = False
+    dump_ir: Path | None = None
+
+
+@dataclass
+class CompileResult:
+    artifact: Artifact | None
+    report: dict[str, Any]
+    report_path: Path
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def check_output_dir(outdir: Path) -> Path:
+    """Fails early, before any work, when the output folder cannot be written; creates nothing."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"output {outdir} exists and is not a folder", "pass -o with a folder path")
+    existing = outdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output folder {outdir} ({existing} is not a writable folder)", "choose a writable folder with -o")
+    return outdir
+
+
+def choose_backend(target: Target, requested: str | None, notes: list[str]) -> Backend:
+    if requested:
+        if requested not in target.backends:
+            raise UserError(
+                f"target {target.name} does not use backend {requested!r}",
+                f"choose one of: {', '.join(target.backends)}",
+            )
+        if requested not in BACKENDS:
+            raise UserError(
+                f"backend {requested!r} is not part of this edgec build",
+                f"choose one of the available backends: {', '.join(b for b in target.backends if b in BACKENDS)}",
+            )
+        backend = BACKENDS.get(requested)()
+        reason = backend.unavailable_reason()
+        if reason:
+            raise UserError(f"backend {requested!r} cannot run here: {reason}", "install it or choose another --backend")
+        return backend
+    for name in target.backends:
+        if name not in BACKENDS:
+            notes.append(f"backend {name} is not part of this edgec build; skipped")
+            continue
+        backend = BACKENDS.get(name)()
+        reason = backend.unavailable_reason()
+        if reason:
+            notes.append(f"backend {name} skipped: {reason}")
+            continue
+        return backend
+    raise UserError(
+        f"none of target {target.name}'s backends ({', '.join(target.backends)}) is available here",
+        "install one of them (see `edgec targets show " + target.name + "`)",
+    )
+
+
+def check_precision(precision: str, target: Target, backend: Backend, calib: Path | None) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
+    if precision not in IMPLEMENTED_PRECISIONS:
+        raise UserError(
+            f"--precision {precision} is not implemented in this edgec version",
+            f"use --precision {' or '.join(IMPLEMENTED_PRECISIONS)}",
+        )
+    if precision not in target.precisions:
+        raise UserError(
+            f"target {target.name} supports no {precision} unit", f"choose one of: {', '.join(target.precisions)}"
+        )
+    if precision not in backend.precisions:
+        raise UserError(
+            f"backend {backend.name} cannot emit {precision}", f"choose one of: {', '.join(backend.precisions)}"
+        )
+    if calib is not None and precision not in ("int8", "mixed"):
+        raise UserError("--calib is only used to quantize", "drop --calib, or compile with --precision int8 or mixed")
+
+
+class _Progress(Instrument):
+    def __init__(self, step: Callable[[str], None]):
+        self.step = step
+
+    def before_pass(self, pass_, model, ctx) -> None:
+        self.step(f"pass {pass_.spec()}")
+
+
+def compile_model(
+    source: str | os.PathLike, options: CompileOptions, *, progress: Callable[[str], None] | None = None
+) -> CompileResult:
+    step = progress or (lambda message: None)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def mark(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - since, 4)
+        return now
+
+    # Everything a user can get wrong is checked before the expensive work starts.
+    target = get_target(options.target)
+    notes: list[str] = []
+    backend = choose_backend(target, options.backend, notes)
+    check_precision(options.precision, target, backend, options.calib)
+    tolerance = parse_tolerance(options.tolerance, options.precision)
+    counter = DebugCounter.parse(options.debug_counter)
+    pipeline_text = options.pipeline if options.pipeline is not None else target.default_pipeline
+    lowering = backend.lowering_pipeline(target, options.precision)
+    full_pipeline = ",".join(p for p in (pipeline_text, lowering) if p)
+    manager = PassManager(full_pipeline or [], PassContext())  # parse now: unknown passes fail early
+    outdir = check_output_dir(options.outdir)
+
+    t = time.perf_counter()
+    step("loading model")
+    model, onnx_path, export_tmp = load_source(source, exporter=options.exporter)
+    try:
+        original_nodes = eir.node_count(model)
+        original_bytes = eir.file_bytes(onnx_path)
+        if options.inputs is not None:
+            feeds = load_inputs(options.inputs, model)
+            inputs_source = str(options.inputs)
+        else:
+            feeds = generate_inputs(model)
+            inputs_source = "generated"
+        t = mark("load", t)
+
+        step("running the original model")
+        reference = run_model(onnx_path, feeds)
+        t = mark("reference", t)
+
+        instruments: list[Instrument] = [_Progress(step)]
+        if options.verify_each:
+            instruments.append(VerifyAfterEachPass(feeds, reference, tolerance["min_cosine"]))
+        if options.dump_ir is not None:
+            instruments.append(PrintAfterChange(dump_dir=options.dump_ir))
+        ctx = PassContext(
+            target=target,
+            options={"precision": options.precision, "backend": backend.name},
+            counter=counter,
+            instruments=instruments,
+        )
+        manager.ctx = ctx
+        result = manager.run(model)
+        model = result.model
+        eir.verify(model)
+        t = mark("passes", t)
+
+        step(f"emitting {backend.name} artifact")
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {outdir} ({exc.strerror})", "choose a writable folder with -o") from None
+        staging = Path(tempfile.mkdtemp(prefix=".edgec-staging-", dir=outdir))
+        try:
+            artifact = backend.emit(model, staging, target=target, precision=options.precision)
+            t = mark("emit", t)
+
+            step(f"verifying in {backend.name}")
+            runtime_note = None
+            try:
+                outputs = backend.run(artifact, feeds)
+                verified_in = backend.name
+            except RuntimeUnavailable as exc:
+                # The artifact's runtime is not on this machine: check the final IR instead, and say so.
+                runtime_note = str(exc)
+                outputs = run_model(model, feeds)
+                verified_in = "onnxruntime (final IR; artifact runtime unavailable here)"
+            figures = compare(reference, outputs)
+            failures = check_tolerance(figures, tolerance)
+            t = mark("verify", t)
+            if not failures:
+                artifact = _publish(artifact, staging, outdir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if export_tmp is not None:
+            export_tmp.cleanup()
+
+    report = {
+        "edgec_version": edgec.__version__,
+        "status": "ok" if not failures else "failed",
+        "source": str(source),
+        "target": target.name,
+        "backend": backend.name,
+        "precision": options.precision,
+        "artifact": str(artifact.path) if not failures else None,
+        "pipeline": manager.text,
+        "passes": result.summary(),
+        "verification": {
+            **figures,
+            "inputs": inputs_source,
+            "verified_in": verified_in,
+            "runtime_note": runtime_note,
+            "tolerance": tolerance,
+            "passed": not failures,
+            "failures": failures,
+        },
+        "sizes": {
+            "original_bytes": original_bytes,
+            "artifact_bytes": artifact.size_bytes if not failures else None,
+            "original_nodes": original_nodes,
+            "final_nodes": eir.node_count(model),
+        },
+        "notes": notes,
+        "timings_s": {**timings, "total": round(time.perf_counter() - started, 4)},
+    }
+    report_path = write_json(outdir / "report.json", report)
+    return CompileResult(artifact if not failures else None, report, report_path, not failures, failures)
+
+
+def _publish(artifact: Artifact, staging: Path, outdir: Path) -> Artifact:
+    """Moves every file of a verified artifact from the staging folder into place, weights first."""
+    moved = []
+    for f in sorted(artifact.files, key=lambda p: p == artifact.path):
+        dest = outdir / f.relative_to(staging)
+        if dest.is_dir() and f.is_dir():
+            shutil.rmtree(dest)
+        os.replace(f, dest)
+        moved.append(dest)
+    return Artifact(artifact.backend, outdir / artifact.path.relative_to(staging), moved, artifact.meta)

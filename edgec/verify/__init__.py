@@ -1,0 +1,134 @@
+"""Numeric comparison of a compiled model with the original: run both, report how close they are."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec import ir as eir
+from edgec.errors import UserError
+
+# Default acceptance per precision: (minimum per-sample cosine, minimum SQNR in dB).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"min_cosine": 0.9999, "min_sqnr_db": 40.0},
+    "fp16": {"min_cosine": 0.999, "min_sqnr_db": 25.0},
+    "int8": {"min_cosine": 0.98, "min_sqnr_db": 10.0},
+    "mixed": {"min_cosine": 0.99, "min_sqnr_db": 15.0},
+}
+
+
+def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    if isinstance(model, ir.Model):
+        if eir.initializer_bytes(model) > eir.EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:
+                path = eir.save(model, Path(tmp) / "model.onnx")
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        data = eir.to_proto(model).SerializeToString()
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: ir.Model | str | os.PathLike, feeds: Mapping[str, np.ndarray], *, optimize: bool = True) -> dict[str, np.ndarray]:
+    """Runs a model in onnxruntime (CPU) and returns its outputs by name."""
+    session = ort_session(model, optimize=optimize)
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, outs))
+
+
+def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Cosine (mean and min over samples of every output), SQNR in dB and max abs error, over all outputs.
+
+    A sample is one row of the batch dimension; bit-identical outputs give cosine 1 and SQNR inf.
+    """
+    cosines: list[float] = []
+    signal = noise = 0.0
+    max_abs = 0.0
+    per_output = {}
+    for name, ref in reference.items():
+        if name not in actual:
+            raise KeyError(f"output {name!r} missing from the compiled model")
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(actual[name], dtype=np.float64)
+        if ref.shape != out.shape:
+            raise ValueError(f"output {name!r} has shape {out.shape}, the original {ref.shape}")
+        rows_r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
+        rows_o = out.reshape(rows_r.shape)
+        output_cos = [_cosine(a, b) for a, b in zip(rows_r, rows_o)]
+        cosines.extend(output_cos)
+        err = out - ref
+        signal += float(np.sum(ref * ref))
+        noise += float(np.sum(err * err))
+        out_max = float(np.max(np.abs(err))) if err.size else 0.0
+        max_abs = max(max_abs, out_max)
+        per_output[name] = {"cosine_min": min(output_cos), "max_abs_error": out_max}
+    return {
+        "cosine_mean": float(np.mean(cosines)),
+        "cosine_min": float(np.min(cosines)),
+        "sqnr_db": _sqnr(signal, noise),
+        "max_abs_error": max_abs,
+        "samples": len(cosines),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10 * np.log10(signal / noise))
+
+
+def check_tolerance(figures: Mapping[str, float], tolerance: Mapping[str, float]) -> list[str]:
+    """The ways `figures` break `tolerance` (empty when within it)."""
+    failures = []
+    if figures["cosine_min"] < tolerance["min_cosine"]:
+        failures.append(f"min cosine {figures['cosine_min']:.6f} < {tolerance['min_cosine']}")
+    if figures["sqnr_db"] < tolerance["min_sqnr_db"]:
+        failures.append(f"SQNR {figures['sqnr_db']:.1f} dB < {tolerance['min_sqnr_db']} dB")
+    return failures
+
+
+def parse_tolerance(text: str | None, precision: str) -> dict[str, float]:
+    """`min_cosine=0.99,min_sqnr_db=20` on top of the precision's defaults."""
+    tolerance = dict(TOLERANCES[precision])
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in tolerance:
+            raise UserError(
+                f"bad tolerance {item!r}", f"use keys {', '.join(tolerance)}, e.g. --tolerance min_cosine=0.999"
+            )
+        try:
+            tolerance[key] = float(value)
+        except ValueError:
+            raise UserError(f"tolerance {key} must be a number, got {value!r}", f"e.g. {key}={tolerance[key]}") from None
+    return tolerance
+
+
+from edgec.verify.inputs import generate_inputs, load_inputs  # noqa: E402  (re-export)
+
+__all__ = ["TOLERANCES", "check_tolerance", "compare", "generate_inputs", "load_inputs", "ort_session", "parse_tolerance", "run_model"]

@@ -1,0 +1,186 @@
+"""`edgec` as a user runs it: bad input gives one line and exit 2, nothing is lost or half-written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgec import ir as eir
+from edgec.cli import main
+from edgec.testing import parse
+
+MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+g (int64[batch,seq] input_ids, int64[batch,seq] attention_mask) => (float[batch,seq,8] out)
+  <float[50,8] emb = {""" + ", ".join(str((i % 13) / 10.0) for i in range(400)) + """}> {
+  e = Gather(emb, input_ids)
+  i1 = Identity(e)
+  m = Cast<to=1>(attention_mask)
+  axes = Constant<value=int64[1] {2}>()
+  mu = Unsqueeze(m, axes)
+  out = Mul(i1, mu)
+}
+"""
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    eir.save(parse(MODEL), path)
+    return path
+
+
+def run_cli(*args, cwd=None):
+    """The installed console entry point in a fresh process, as a user would run it."""
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_user_error(rc, stderr, *words):
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_compile_writes_artifact_and_report(model_file, tmp_path):
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli("compile", model_file, "--target", "x86-64", "-o", out)
+    assert rc == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["backend"] == "onnxruntime" and report["target"] == "x86-64"
+    assert (out / "model.onnx").exists() and report["artifact"] == str(out / "model.onnx")
+    assert report["verification"]["cosine_min"] >= 0.99999 and report["verification"]["inputs"] == "generated"
+    assert report["sizes"]["final_nodes"] < report["sizes"]["original_nodes"]
+    assert {p["pass"] for p in report["passes"]} >= {"fold-constants", "remove-identity", "remove-dead-code"}
+    assert all("seconds" in p and "stats" in p for p in report["passes"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging files left behind"
+
+
+def test_compile_with_user_inputs(model_file, tmp_path):
+    data = tmp_path / "data.npz"
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 0]], dtype=np.int64)
+    np.savez(data, input_ids=ids, attention_mask=(ids > 0).astype(np.int64), labels=np.array([0, 1]))
+    rc, stdout, stderr = run_cli("compile", model_file, "--target", "x86-64", "-o", tmp_path / "o", "--inputs", data, "--json")
+    assert rc == 0, stderr
+    report = json.loads(stdout)
+    assert report["verification"]["inputs"] == str(data) and report["verification"]["samples"] == 2
+
+
+def test_verification_failure_exits_nonzero_without_artifact(model_file, tmp_path):
+    out = tmp_path / "out"
+    # No fp32 rewrite reaches SQNR 1e9 dB unless bit-exact; demand the impossible to force a failure.
+    rc, stdout, stderr = run_cli(
+        "compile", model_file, "--target", "x86-64", "-o", out, "--pipeline", "remove-identity",
+        "--tolerance", "min_cosine=1.5",
+    )
+    assert rc == 1, stderr
+    assert "verification failed" in stderr and "Traceback" not in stderr
+    assert not (out / "model.onnx").exists()
+    assert json.loads((out / "report.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["compile", "{missing}", "--target", "x86-64"], ["does not exist"]),
+        (["compile", "{notonnx}", "--target", "x86-64"], ["not a readable ONNX"]),
+        (["compile", "{truncated}", "--target", "x86-64"], ["truncated"]),
+        (["compile", "{model}", "--target", "pentium-3"], ["unknown target", "x86-64"]),
+        (["compile", "{model}", "--target", "x86-64", "--pipeline", "cleanup,frobnicate"], ["unknown pass", "fold-constants"]),
+        (["compile", "{model}", "--target", "x86-64", "--pipeline", "fold-constants{colour=red}"], ["no option", "colour"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{badnames}"], ["no array named", "input_ids"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{badshape}"], ["shape", "rank"]),
+        (["compile", "{model}", "--target", "x86-64", "-o", "{unwritable}"], ["output"]),
+        (["compile", "{model}", "--target", "x86-64", "--precision", "fp8"], ["unknown precision"]),
+        (["compile", "{model}", "--target", "x86-64", "--precision", "int8"], ["int8", "not implemented"]),
+        (["compile", "{model}", "--target", "x86-64", "--calib", "{badnames}"], ["--calib"]),
+        (["compile", "{model}", "--target", "x86-64", "--backend", "coreml"], ["does not use backend"]),
+        (["compile", "{model}", "--target", "x86-64", "--tolerance", "cos=0.9"], ["tolerance"]),
+        (["compile", "{model}", "--target", "x86-64", "--debug-counter", "cse"], ["PASS=N"]),
+        (["compile", "{model}"], ["--target"]),
+        (["opt", "{model}", "--pipeline", "cleanup", "-o", "{model}"], ["is the input model"]),
+        (["inspect", "{model}", "--target", "nope"], ["unknown target"]),
+        (["targets", "show", "nope"], ["unknown target"]),
+        (["frobnicate"], ["invalid choice"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, words, model_file, tmp_path):
+    notonnx = tmp_path / "notes.onnx"
+    notonnx.write_text("these are my notes, not a model\n" * 20)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:300])
+    badnames = tmp_path / "badnames.npz"
+    np.savez(badnames, ids=np.zeros((1, 4), dtype=np.int64))
+    badshape = tmp_path / "badshape.npz"
+    np.savez(badshape, input_ids=np.zeros((4,), dtype=np.int64), attention_mask=np.ones((4,), dtype=np.int64))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should go")
+    subs = {
+        "{missing}": tmp_path / "nope.onnx", "{notonnx}": notonnx, "{truncated}": truncated, "{model}": model_file,
+        "{badnames}": badnames, "{badshape}": badshape, "{unwritable}": blocker / "out",
+    }
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    rc, stdout, stderr = run_cli(*[subs.get(a, a) for a in argv], cwd=tmp_path)
+    assert_user_error(rc, stderr, *words)
+    after = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before, "an input file was modified or a stray file was written"
+    assert not (tmp_path / "out").exists(), "a failed compile left an output folder behind"
+
+
+def test_truncated_model_message_names_the_file(model_file, tmp_path):
+    truncated = tmp_path / "t.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:-40])
+    rc, _, stderr = run_cli("inspect", truncated)
+    assert_user_error(rc, stderr, str(truncated))
+
+
+def test_inspect_json(model_file):
+    rc, stdout, stderr = run_cli("inspect", model_file, "--json", "--target", "snapdragon-8")
+    assert rc == 0, stderr
+    info = json.loads(stdout)
+    assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask"]
+    assert info["inputs"][0]["shape"] == ["batch", "seq"]
+    assert info["outputs"][0]["shape"] == ["batch", "seq", 8]
+    assert info["ops"]["Gather"] == 1 and info["nodes"] == sum(info["ops"].values())
+    assert info["parameters"] == 400 and info["parameter_bytes"] == 1600
+    assert info["flops"] > 0 and info["target"]["name"] == "snapdragon-8"
+    assert "unsupported_ops" in info["target"]
+
+
+def test_inspect_table(model_file):
+    rc, stdout, stderr = run_cli("inspect", model_file, "--target", "x86-64")
+    assert rc == 0, stderr
+    assert "input_ids" in stdout and "Gather" in stdout and "parameters" in stdout
+
+
+def test_opt_prints_after_change_and_stats(model_file, tmp_path):
+    out = tmp_path / "opt.onnx"
+    rc, stdout, stderr = run_cli("opt", model_file, "--pipeline", "remove-identity", "-o", out, "--print-after-change", "--stats")
+    assert rc == 0, stderr
+    assert "IR after remove-identity" in stdout and "Identity" not in stdout.split("IR after remove-identity")[1]
+    assert "identities_removed" in stderr
+    assert [n.op_type for n in eir.load(out).graph].count("Identity") == 0
+
+
+def test_passes_and_targets_listings():
+    rc, stdout, _ = run_cli("passes")
+    assert rc == 0 and "fold-constants" in stdout and "cleanup" in stdout
+    rc, stdout, _ = run_cli("targets")
+    assert rc == 0
+    for name in ("snapdragon-8", "jetson-orin-nano", "apple-a17", "raspberry-pi-5", "x86-64"):
+        assert name in stdout
+    rc, stdout, _ = run_cli("targets", "show", "snapdragon-8", "--json")
+    assert rc == 0 and json.loads(stdout)["name"] == "snapdragon-8"
+    rc, stdout, _ = run_cli("targets", "show", "raspberry-pi-5")
+    assert rc == 0 and "raspberry-pi-5" in stdout
+
+
+def test_main_returns_exit_codes_in_process(model_file, capsys):
+    assert main(["compile", str(model_file) + ".missing", "--target", "x86-64"]) == 2
+    assert "does not exist" in capsys.readouterr().err
