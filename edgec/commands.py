@@ -91,6 +91,13 @@ def _print_compile(report: dict, console) -> None:
         f"cosine mean {v['cosine_mean']:.7f} min {v['cosine_min']:.7f}, SQNR {v['sqnr_db']:.1f} dB, "
         f"max abs err {v['max_abs_error']:.3g} on {v['samples']} samples ({v['inputs']}) in {v['verified_in']}",
     )
+    second = v.get("second_shape")
+    if second:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, d))}" for k, d in second["shapes"].items())
+        if "skipped" in second:
+            summary.add_row("second shape", f"skipped: {second['skipped']}")
+        elif "cosine_min" in second:
+            summary.add_row("second shape", f"cosine min {second['cosine_min']:.7f}, max abs err {second['max_abs_error']:.3g} at {shapes}")
     summary.add_row("status", "[green]passed[/]" if v["passed"] else f"[red]failed: {'; '.join(v['failures'])}[/]")
     if report["artifact"]:
         summary.add_row("artifact", report["artifact"])

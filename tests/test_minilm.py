@@ -52,3 +52,15 @@ def test_minilm_compiles_for_x86_64(exporter, minilm_exports, polarity_npz, tmp_
     assert s["artifact_bytes"] <= s["original_bytes"] * 1.01
     passes = {p["pass"]: p for p in report["passes"]}
     assert passes["fold-constants"]["modified"] or passes["simplify-shapes"]["modified"]
+
+
+@pytest.mark.slow
+def test_compile_takes_a_hugging_face_folder(minilm_folder, tmp_path, capsys):
+    """MODEL may be the model folder itself: edgec exports it (offline) and compiles the export."""
+    out = tmp_path / "out"
+    rc = main(["compile", str(minilm_folder), "--target", "x86-64", "-o", str(out), "--exporter", "torchscript"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["passed"] and report["sizes"]["final_nodes"] < report["sizes"]["original_nodes"]
+    assert report["verification"]["second_shape"]["cosine_min"] >= 0.99999
+    assert not list(minilm_folder.glob("*.onnx")), "the export must not be written into the model folder"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from edgec import ir as eir
 from edgec.analysis import analysis
 
 
@@ -22,7 +25,63 @@ def infer_shapes(model: ir.Model) -> ir.Model:
                     value.type = other.type
                 if other.shape is not None:
                     value.shape = other.shape
+    _infer_symbolic(model)
     return model
+
+
+def _infer_symbolic(model: ir.Model) -> None:
+    """Refines dynamic dims with onnxruntime's symbolic shape inference.
+
+    onnx's inference gives every broadcast or reshaped dynamic dim a fresh `unk__N` name, so
+    `[batch, sequence, 384]` and `[batch, unk__3, 384]` cannot be proven equal and the shape
+    arithmetic of TorchScript exports stays. The symbolic pass carries names through and merges dims
+    that broadcasting forces to agree (auto_merge assumes a dynamic dim meeting another is not 1 —
+    true of sequence/batch dims; compile verification checks a second shape to back this up).
+    Where it fails (custom ops, exotic exports) onnx's result stands.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(eir.to_proto(model), auto_merge=True, guess_output_rank=False)
+    except Exception:  # its failures are many and varied; losing the refinement is harmless
+        return
+    finally:
+        logger.setLevel(level)
+    if inferred is None:
+        return
+    dims_by_name = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims_by_name[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    for node in model.graph:
+        for value in node.outputs:
+            dims = dims_by_name.get(value.name)
+            # Only dims onnx left anonymous are refined: the symbolic pass also assumes a dynamic dim
+            # is never 1 where onnx stays honest (Squeeze without axes), and those answers are not taken.
+            if dims is None or value.shape is None or len(value.shape) != len(dims):
+                continue
+            refined = [
+                _as_dim(new) if _anonymous(old) and new is not None else old for old, new in zip(value.shape, dims)
+            ]
+            if refined != list(value.shape):
+                value.shape = ir.Shape(refined)
+
+
+def _anonymous(dim) -> bool:
+    if isinstance(dim, int):
+        return False
+    name = getattr(dim, "value", None)
+    return name is None or name.startswith("unk__")
+
+
+def _as_dim(d):
+    return d if isinstance(d, int) else ir.SymbolicDim(d)
 
 
 def _values(model: ir.Model):

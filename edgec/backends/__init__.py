@@ -43,6 +43,8 @@ class Backend:
     description: ClassVar[str] = ""
     # Precisions this backend can emit.
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    # Whether artifacts keep the model's dynamic dims (TFLite, for one, specialises them).
+    dynamic_shapes: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
         """None when the toolchain is installed; otherwise what is missing and how to install it."""
