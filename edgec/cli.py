@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from edgec.errors import UserError
+from edgec.frontends.torch import EXPORTERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,8 +19,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _console(stderr: bool = False):
-    import sys
-
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pipeline", help="pass pipeline text; default: the target's pipeline")
     c.add_argument("--backend", help="backend to emit for; default: the target's first available one")
     c.add_argument("--tolerance", help="widen/narrow verification, e.g. min_cosine=0.999,min_sqnr_db=30")
-    c.add_argument("--exporter", default="dynamo", help="torch exporter for model folders: dynamo | torchscript")
+    c.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
     c.add_argument("--debug-counter", help="stop passes after N rewrites, e.g. fold-constants=3 (bisecting)")
     c.add_argument("--verify-each", action="store_true", help="check IR and numerics after every changing pass")
     c.add_argument("--dump-ir", type=Path, help="write the IR after each changing pass into this folder")
@@ -54,18 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--target", "-t")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    i.add_argument("--exporter", default="dynamo", help="torch exporter for model folders")
+    i.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
 
     o = sub.add_parser("opt", help="run a pass pipeline on a model (like mlir-opt)")
     o.add_argument("model")
     o.add_argument("--pipeline", "-p", required=True, help='e.g. "cleanup" or "fold-constants,remove-dead-code"')
-    o.add_argument("-o", "--output", required=True, type=Path, help="output .onnx path")
+    o.add_argument("-o", "--output", required=True, help="output .onnx path")
     o.add_argument("--target", "-t", help="target the passes may consult")
     o.add_argument("--print-after-change", action="store_true", help="print the IR after every pass that changed it")
     o.add_argument("--stats", action="store_true", help="print what each pass did")
     o.add_argument("--debug-counter", help="stop passes after N rewrites, e.g. cse=2")
     o.add_argument("--verify-each", action="store_true", help="check IR and numerics after every changing pass")
-    o.add_argument("--exporter", default="dynamo", help="torch exporter for model folders")
+    o.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
 
     p = sub.add_parser("passes", help="list the passes and named pipelines")
     p.add_argument("--json", action="store_true")
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `edgec opt ... | head` closed the pipe: not an error of ours. Silence the flush at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

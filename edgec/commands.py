@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,16 +70,21 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _pass_table(rows: list[dict], title: str) -> Table:
+    """What each pass did: the rows of PipelineResult.summary()."""
+    table = Table(title=title, show_edge=False)
+    for col in ("pass", "runs", "changed", "nodes removed", "stats", "time"):
+        table.add_column(col, justify="right" if col in ("runs", "nodes removed", "time") else "left")
+    for row in rows:
+        stats = ", ".join(f"{k}={v}" for k, v in row["stats"].items() if v)
+        table.add_row(row["pass"], str(row["runs"]), "yes" if row["modified"] else "no", str(row["nodes_removed"]), stats, f"{row['seconds']:.2f}s")
+    return table
+
+
 def _print_compile(report: dict, console) -> None:
     v, s = report["verification"], report["sizes"]
     console.print(f"[bold]{report['source']}[/] -> {report['target']} via {report['backend']} ({report['precision']})")
-    table = Table(title="passes", show_edge=False)
-    for col in ("pass", "runs", "changed", "nodes removed", "stats", "time"):
-        table.add_column(col, justify="right" if col in ("runs", "nodes removed", "time") else "left")
-    for row in report["passes"]:
-        stats = ", ".join(f"{k}={v}" for k, v in row["stats"].items() if v)
-        table.add_row(row["pass"], str(row["runs"]), "yes" if row["modified"] else "no", str(row["nodes_removed"]), stats, f"{row['seconds']:.2f}s")
-    console.print(table)
+    console.print(_pass_table(report["passes"], "passes"))
     summary = Table(show_header=False, show_edge=False)
     summary.add_column()
     summary.add_column()
@@ -109,16 +113,12 @@ def _print_compile(report: dict, console) -> None:
 # ---------------------------------------------------------------------------------------------- inspect
 def inspect_model(model_path: str, target_name: str | None = None, exporter: str = "dynamo") -> dict:
     from edgec.analysis.cost import model_cost
+    from edgec.frontends.onnx import ORIGINAL_OPSET_KEY
     from edgec.sources import load_source
     from edgec.targets import get_target
     from edgec.verify.inputs import graph_inputs
 
     target = get_target(target_name) if target_name else None
-    original_opset = None
-    source = Path(model_path)
-    if source.is_file():
-        proto_opset = eir.load(source).opset_imports.get("")
-        original_opset = proto_opset
     model, onnx_path, tmp = load_source(model_path, exporter=exporter)
     try:
         cost = model_cost(model)
@@ -130,7 +130,7 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
 
         info = {
             "model": str(model_path),
-            "opset": {"original": original_opset or model.opset_imports.get(""), "normalized": model.opset_imports.get("")},
+            "opset": {"original": model.meta.get(ORIGINAL_OPSET_KEY), "normalized": model.opset_imports.get("")},
             "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
             "inputs": [describe(v) for v in graph_inputs(model)],
             "outputs": [describe(v) for v in model.graph.outputs],
@@ -205,7 +205,7 @@ def cmd_inspect(args) -> int:
 # ---------------------------------------------------------------------------------------------- opt
 def cmd_opt(args) -> int:
     from edgec.passes.core import DebugCounter, PassContext
-    from edgec.passes.instruments import PrintAfterChange, VerifyAfterEachPass
+    from edgec.passes.instruments import PrintAfterChange, Progress, VerifyAfterEachPass
     from edgec.passes.manager import PassManager
     from edgec.sources import load_source
     from edgec.targets import get_target
@@ -214,11 +214,12 @@ def cmd_opt(args) -> int:
     out = Path(args.output)
     if src.exists() and out.exists() and src.resolve() == out.resolve():
         raise UserError(f"output {out} is the input model", "write to another path (edgec never modifies its input)")
-    if out.exists() and out.is_dir():
-        raise UserError(f"output {out} is a folder", "pass a file path ending in .onnx")
+    if (out.exists() and out.is_dir()) or str(args.output).endswith(("/", os.sep)):
+        raise UserError(f"output {args.output} is a folder", "pass a file path ending in .onnx")
     target = get_target(args.target) if args.target else None
     manager = PassManager(args.pipeline)
     counter = DebugCounter.parse(args.debug_counter)
+    manager.check_counter(counter)
     model, onnx_path, tmp = load_source(args.model, exporter=args.exporter)
     try:
         instruments = []
@@ -232,7 +233,7 @@ def cmd_opt(args) -> int:
         manager.ctx = PassContext(target=target, counter=counter, instruments=instruments)
         before = eir.node_count(model)
         with _status("optimizing") as status:
-            instruments.insert(0, _StatusInstrument(status))
+            instruments.insert(0, Progress(status.update))
             result = manager.run(model)
         eir.verify(result.model)
         eir.save(result.model, out)
@@ -241,26 +242,9 @@ def cmd_opt(args) -> int:
             tmp.cleanup()
     err = _console(stderr=True)
     if args.stats:
-        table = Table(title="pass statistics", show_edge=False)
-        for col in ("pass", "runs", "changed", "nodes removed", "stats", "time"):
-            table.add_column(col)
-        for row in result.summary():
-            stats = ", ".join(f"{k}={v}" for k, v in row["stats"].items() if v)
-            table.add_row(row["pass"], str(row["runs"]), "yes" if row["modified"] else "no", str(row["nodes_removed"]), stats, f"{row['seconds']:.2f}s")
-        err.print(table)
+        err.print(_pass_table(result.summary(), "pass statistics"))
     err.print(f"wrote {out}: {before} -> {eir.node_count(result.model)} nodes", markup=False)
     return 0
-
-
-class _StatusInstrument:
-    def __init__(self, status):
-        self.status = status
-
-    def before_pass(self, pass_, model, ctx):
-        self.status.update(f"pass {pass_.spec()}")
-
-    def after_pass(self, pass_, model, ctx, record):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------- passes / targets

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 import edgec
 from edgec import ir as eir
 from edgec.backends import BACKENDS, Artifact, Backend, RuntimeUnavailable
 from edgec.errors import UserError
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.passes.instruments import Instrument, PrintAfterChange, VerifyAfterEachPass
+from edgec.passes.instruments import Instrument, PrintAfterChange, Progress, VerifyAfterEachPass
 from edgec.passes.manager import PassManager
+from edgec.passes.registry import MAX_FIXPOINT_ROUNDS
 from edgec.report import write_json
 from edgec.sources import load_source
 from edgec.targets import Target, get_target
@@ -27,12 +26,6 @@ from edgec.verify import check_tolerance, compare, generate_inputs, load_inputs,
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # What this build can emit. The rest are accepted by the parser and refused with a clear reason.
 IMPLEMENTED_PRECISIONS = ("fp32",)
-
-
-class VerificationFailed(Exception):
-    """The artifact does not compute what the original did, within the tolerance. Exit code 1."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -60,8 +53,9 @@ class CompileResult:
     failures: list[str] = field(default_factory=list)
 
 
-def check_output_dir(outdir: Path) -> Path:
-    """Fails early, before any work, when the output folder cannot be written; creates nothing."""
+def check_output_dir(outdir: Path, writes: list[str], sources: list[Path]) -> Path:
+    """Fails early, before any work, when the output folder cannot take the files `writes` names:
+    not writable, a folder in the way, or an output that would overwrite the model being compiled."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"output {outdir} exists and is not a folder", "pass -o with a folder path")
@@ -70,7 +64,26 @@ def check_output_dir(outdir: Path) -> Path:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to output folder {outdir} ({existing} is not a writable folder)", "choose a writable folder with -o")
+    resolved_sources = {p.resolve() for p in sources}
+    for name in writes:
+        dest = outdir / name
+        if dest.resolve() in resolved_sources:
+            raise UserError(f"compiling into {outdir} would overwrite the input {dest}", "choose another output folder with -o")
+        if dest.is_dir():
+            raise UserError(f"{dest} is a folder, where edgec writes a file", "remove it or choose another output folder")
     return outdir
+
+
+def check_dump_dir(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--dump-ir {path} is a file", "pass a folder path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write IR dumps to {path}", "choose a writable folder for --dump-ir")
 
 
 def choose_backend(target: Target, requested: str | None, notes: list[str]) -> Backend:
@@ -89,6 +102,8 @@ def choose_backend(target: Target, requested: str | None, notes: list[str]) -> B
         reason = backend.unavailable_reason()
         if reason:
             raise UserError(f"backend {requested!r} cannot run here: {reason}", "install it or choose another --backend")
+        if not backend.supports(target):
+            raise UserError(f"backend {requested!r} does not support target {target.name}", f"choose one of: {', '.join(target.backends)}")
         return backend
     for name in target.backends:
         if name not in BACKENDS:
@@ -98,6 +113,9 @@ def choose_backend(target: Target, requested: str | None, notes: list[str]) -> B
         reason = backend.unavailable_reason()
         if reason:
             notes.append(f"backend {name} skipped: {reason}")
+            continue
+        if not backend.supports(target):
+            notes.append(f"backend {name} does not support {target.name}; skipped")
             continue
         return backend
     raise UserError(
@@ -126,14 +144,6 @@ def check_precision(precision: str, target: Target, backend: Backend, calib: Pat
         raise UserError("--calib is only used to quantize", "drop --calib, or compile with --precision int8 or mixed")
 
 
-class _Progress(Instrument):
-    def __init__(self, step: Callable[[str], None]):
-        self.step = step
-
-    def before_pass(self, pass_, model, ctx) -> None:
-        self.step(f"pass {pass_.spec()}")
-
-
 def compile_model(
     source: str | os.PathLike, options: CompileOptions, *, progress: Callable[[str], None] | None = None
 ) -> CompileResult:
@@ -157,7 +167,12 @@ def compile_model(
     lowering = backend.lowering_pipeline(target, options.precision)
     full_pipeline = ",".join(p for p in (pipeline_text, lowering) if p)
     manager = PassManager(full_pipeline or [], PassContext())  # parse now: unknown passes fail early
-    outdir = check_output_dir(options.outdir)
+    manager.check_counter(counter)
+    check_dump_dir(options.dump_ir)
+    source_path = Path(source)
+    sources = eir.model_files(source_path) if source_path.is_file() else []
+    writes = [*backend.artifact_names(), "report.json"]
+    outdir = check_output_dir(options.outdir, writes, sources)
 
     t = time.perf_counter()
     step("loading model")
@@ -174,10 +189,16 @@ def compile_model(
         t = mark("load", t)
 
         step("running the original model")
-        reference = run_model(onnx_path, feeds)
+        try:
+            reference = run_model(onnx_path, feeds)
+        except Exception as exc:  # onnxruntime rejects the model or these inputs: nothing to compile against
+            raise UserError(
+                f"the original model does not run in onnxruntime on these inputs ({_first_line(exc)})",
+                "check the model and --inputs (token ids inside the vocabulary, shapes the model accepts)",
+            ) from None
         t = mark("reference", t)
 
-        instruments: list[Instrument] = [_Progress(step)]
+        instruments: list[Instrument] = [Progress(step)]
         if options.verify_each:
             instruments.append(VerifyAfterEachPass(feeds, reference, tolerance["min_cosine"]))
         if options.dump_ir is not None:
@@ -225,16 +246,23 @@ def compile_model(
                 try:
                     alt_reference = run_model(onnx_path, alt)
                 except Exception as exc:  # the original itself cannot take this shape: nothing to compare
-                    second_shape["skipped"] = f"the original model does not run at these shapes ({str(exc).splitlines()[0][:160]})"
+                    second_shape["skipped"] = f"the original model does not run at these shapes ({_first_line(exc)})"
                 else:
                     try:
                         second_shape.update(compare(alt_reference, backend.run(artifact, alt)))
                         failures += [f"at the second shape: {f}" for f in check_tolerance(second_shape, tolerance)]
                     except Exception as exc:
-                        failures.append(f"the artifact fails at shapes the original runs ({str(exc).splitlines()[0][:160]})")
+                        failures.append(f"the artifact fails at shapes the original runs ({_first_line(exc)})")
             t = mark("verify", t)
             if not failures:
                 artifact = _publish(artifact, staging, outdir)
+            else:
+                # A model left from an earlier compile must not pass for this one's result.
+                for name in backend.artifact_names():
+                    stale = outdir / name
+                    if stale.is_file():
+                        stale.unlink()
+                        notes.append(f"removed {stale} from an earlier compile")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
@@ -267,11 +295,16 @@ def compile_model(
             "original_nodes": original_nodes,
             "final_nodes": eir.node_count(model),
         },
-        "notes": notes,
+        "notes": notes + [f"{group} was still changing after {MAX_FIXPOINT_ROUNDS} rounds" for group in result.unsettled],
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 4)},
     }
     report_path = write_json(outdir / "report.json", report)
     return CompileResult(artifact if not failures else None, report, report_path, not failures, failures)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _has_dynamic_dims(model) -> bool:

@@ -67,10 +67,14 @@ class Registry(Generic[T]):
                     f"could not load {self.kind} plugin {origin}: {type(exc).__name__}: {exc}",
                     "fix or uninstall that package",
                 ) from exc
-            name = getattr(item, "name", None) or ep.name
-            if name != ep.name and isinstance(name, str):
-                name = ep.name
-            self.register(name, item, origin)
+            declared = getattr(item, "name", None)
+            if isinstance(declared, str) and declared != ep.name:
+                # Records, pipelines and the debug counter all use the name; two names would split them.
+                raise UserError(
+                    f"{self.kind} plugin {origin} calls itself {declared!r} but is registered as {ep.name!r}",
+                    "make the entry-point name and the class's name the same",
+                )
+            self.register(ep.name, item, origin)
 
     def get(self, name: str) -> T:
         self._load_builtins()

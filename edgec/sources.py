@@ -11,8 +11,8 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.frontends.onnx import load_onnx
+from edgec.frontends.torch import EXPORTERS
 
-EXPORTERS = ("dynamo", "torchscript")
 
 
 def resolve_source(path: str | os.PathLike, workdir: str | os.PathLike, *, exporter: str = "dynamo") -> Path:

@@ -10,6 +10,9 @@ import pytest
 
 from edgec import ir as eir
 from edgec.cli import main
+from edgec.passes.core import Pass, PassResult
+from edgec.passes.instruments import PassBrokeModel
+from edgec.passes.registry import register_pass
 from edgec.testing import parse
 
 MODEL = """
@@ -72,17 +75,51 @@ def test_compile_with_user_inputs(model_file, tmp_path):
     assert report["verification"]["inputs"] == str(data) and report["verification"]["samples"] == 2
 
 
-def test_verification_failure_exits_nonzero_without_artifact(model_file, tmp_path):
+class _NegateRelu(Pass):
+    """A pass with a bug (Relu becomes Neg), to prove verification catches one."""
+
+    name = "test-negate-relu"
+
+    def run(self, model, ctx):
+        for node in model.graph:
+            if node.op_type == "Mul":
+                node.op_type = "Sub"
+                return PassResult(model, True)
+        return PassResult(model, False)
+
+
+register_pass(_NegateRelu)
+
+
+def test_verification_failure_exits_1_and_removes_the_stale_artifact(model_file, tmp_path, capsys):
     out = tmp_path / "out"
-    # No fp32 rewrite reaches SQNR 1e9 dB unless bit-exact; demand the impossible to force a failure.
-    rc, stdout, stderr = run_cli(
-        "compile", model_file, "--target", "x86-64", "-o", out, "--pipeline", "remove-identity",
-        "--tolerance", "min_cosine=1.5",
-    )
-    assert rc == 1, stderr
-    assert "verification failed" in stderr and "Traceback" not in stderr
-    assert not (out / "model.onnx").exists()
-    assert json.loads((out / "report.json").read_text())["status"] == "failed"
+    assert main(["compile", str(model_file), "--target", "x86-64", "-o", str(out)]) == 0
+    assert (out / "model.onnx").exists()
+    rc = main(["compile", str(model_file), "--target", "x86-64", "-o", str(out), "--pipeline", "cleanup,test-negate-relu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "verification failed" in err and "Traceback" not in err
+    assert not (out / "model.onnx").exists(), "the earlier artifact must not pass for this compile's result"
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and report["artifact"] is None
+    assert any("earlier compile" in n for n in report["notes"])
+    # --verify-each names the pass that broke the numerics.
+    with pytest.raises(PassBrokeModel, match="test-negate-relu"):
+        main(["compile", str(model_file), "--target", "x86-64", "-o", str(out), "--pipeline", "cleanup,test-negate-relu", "--verify-each"])
+
+
+def test_report_is_readable_like_the_model(model_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", str(model_file), "--target", "x86-64", "-o", str(out)]) == 0
+    assert (out / "report.json").stat().st_mode & 0o777 == (out / "model.onnx").stat().st_mode & 0o777
+
+
+def test_compiling_into_the_models_own_folder_is_refused(tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    eir.save(parse(MODEL), src)
+    before = src.read_bytes()
+    assert main(["compile", str(src), "--target", "x86-64", "-o", str(tmp_path)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert src.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -104,6 +141,15 @@ def test_verification_failure_exits_nonzero_without_artifact(model_file, tmp_pat
         (["compile", "{model}", "--target", "x86-64", "--tolerance", "cos=0.9"], ["tolerance"]),
         (["compile", "{model}", "--target", "x86-64", "--debug-counter", "cse"], ["PASS=N"]),
         (["compile", "{model}"], ["--target"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{npy}"], ["unnamed array"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{negative}"], ["outside", "range"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{empty}"], ["empty"]),
+        (["compile", "{model}", "--target", "x86-64", "--inputs", "{outofvocab}"], ["does not run", "inputs"]),
+        (["compile", "{model}", "--target", "x86-64", "--tolerance", "min_cosine=nan"], ["not usable"]),
+        (["compile", "{model}", "--target", "x86-64", "--debug-counter", "csee=1"], ["csee", "does not run"]),
+        (["compile", "{model}", "--target", "x86-64", "--dump-ir", "{model}"], ["--dump-ir"]),
+        (["compile", "{model}", "--target", "x86-64", "--exporter", "jit"], ["invalid choice"]),
+        (["opt", "{model}", "--pipeline", "cleanup", "-o", "newdir/"], ["is a folder"]),
         (["opt", "{model}", "--pipeline", "cleanup", "-o", "{model}"], ["is the input model"]),
         (["inspect", "{model}", "--target", "nope"], ["unknown target"]),
         (["targets", "show", "nope"], ["unknown target"]),
@@ -119,11 +165,20 @@ def test_bad_input_is_one_line_exit_2(argv, words, model_file, tmp_path):
     np.savez(badnames, ids=np.zeros((1, 4), dtype=np.int64))
     badshape = tmp_path / "badshape.npz"
     np.savez(badshape, input_ids=np.zeros((4,), dtype=np.int64), attention_mask=np.ones((4,), dtype=np.int64))
+    npy = tmp_path / "ids.npy"
+    np.save(npy, np.zeros((1, 4), dtype=np.int64))
+    negative = tmp_path / "negative.npz"
+    np.savez(negative, input_ids=np.full((1, 4), -1, dtype=np.int64), attention_mask=np.ones((1, 4), dtype=np.uint64) * (2**63))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, input_ids=np.zeros((0, 4), dtype=np.int64), attention_mask=np.zeros((0, 4), dtype=np.int64))
+    outofvocab = tmp_path / "outofvocab.npz"
+    np.savez(outofvocab, input_ids=np.full((1, 4), 10**6, dtype=np.int64), attention_mask=np.ones((1, 4), dtype=np.int64))
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should go")
     subs = {
         "{missing}": tmp_path / "nope.onnx", "{notonnx}": notonnx, "{truncated}": truncated, "{model}": model_file,
         "{badnames}": badnames, "{badshape}": badshape, "{unwritable}": blocker / "out",
+        "{npy}": npy, "{negative}": negative, "{empty}": empty, "{outofvocab}": outofvocab,
     }
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     rc, stdout, stderr = run_cli(*[subs.get(a, a) for a in argv], cwd=tmp_path)

@@ -57,6 +57,10 @@ class Backend:
         """Passes that put the IR into the form this backend's runtime runs best (may be empty)."""
         return ""
 
+    def artifact_names(self, stem: str = "model") -> tuple[str, ...]:
+        """Every file or folder name `emit` may write into the output folder."""
+        raise NotImplementedError
+
     def emit(self, model: ir.Model, outdir: Path, *, target, precision: str, stem: str = "model") -> Artifact:
         raise NotImplementedError
 
@@ -71,7 +75,3 @@ def _builtin_backends() -> dict[str, type[Backend]]:
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend", "edgec.backends", _builtin_backends)
-
-
-def get_backend(name: str) -> Backend:
-    return BACKENDS.get(name)()

@@ -15,10 +15,13 @@ from edgec.errors import UserError
 # (17), axes-as-inputs everywhere (18) and Gelu (20), and both torch exporters reach it losslessly.
 CANONICAL_OPSET = 20
 MIN_OPSET = 7
+# model.meta key: the default-domain opset the file had before normalisation (for `inspect`).
+ORIGINAL_OPSET_KEY = "edgec.original_opset"
 
 
 def load_onnx(path: str | os.PathLike, *, opset: int = CANONICAL_OPSET) -> ir.Model:
     model = eir.load(path)
+    model.meta[ORIGINAL_OPSET_KEY] = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     normalize_opset(model, opset, source=str(path))
     infer_shapes(model)
     return model

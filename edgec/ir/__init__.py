@@ -69,10 +69,13 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def file_bytes(path: str | os.PathLike) -> int:
-    """Size of an ONNX file together with the external weight files it references."""
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """An ONNX file and the external weight files it references (those that exist)."""
     path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all: it is just the one file (load() reports the problem)
+        return [path]
     locations = {
         e.value
         for init in proto.graph.initializer
@@ -80,7 +83,12 @@ def file_bytes(path: str | os.PathLike) -> int:
         for e in init.external_data
         if e.key == "location"
     }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists())
+    return [path] + [path.parent / loc for loc in sorted(locations) if (path.parent / loc).exists()]
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of an ONNX file together with its external weights."""
+    return sum(f.stat().st_size for f in model_files(path))
 
 
 def initializer_bytes(model: ir.Model) -> int:

@@ -37,14 +37,16 @@ def graphsurgeon_pass(name: str, fn: Callable | None = None, *, summary: str = "
 
     def make(func: Callable) -> type[Pass]:
         def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-            before = eir.structure_key(model)
             graph = to_graphsurgeon(model)
+            # Compare before graph-surgeon's cleanup/toposort, which reorder an untouched graph too.
+            before = eir.structure_key(from_graphsurgeon(graph.copy(), template=model))
             out = func(graph)
             graph = out if out is not None else graph
+            changed = eir.structure_key(from_graphsurgeon(graph.copy(), template=model)) != before
+            if not changed or not ctx.allow(self.name):
+                return PassResult(model, False)
             graph.cleanup().toposort()
-            new = from_graphsurgeon(graph, template=model)
-            modified = eir.structure_key(new) != before
-            return PassResult(new if modified else model, modified, {"graphsurgeon_changed": int(modified)})
+            return PassResult(from_graphsurgeon(graph, template=model), True, {"graphsurgeon_changed": 1})
 
         doc = summary or (func.__doc__ or f"graph-surgeon function {func.__name__}").strip().splitlines()[0]
         cls = type(f"GraphSurgeon_{func.__name__}", (Pass,), {"name": name, "run": run, "__doc__": doc})

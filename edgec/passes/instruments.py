@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import onnx_ir as ir
 
@@ -18,6 +18,16 @@ class Instrument:
 
     def after_pass(self, pass_: Pass, model: ir.Model, ctx: PassContext, record) -> None:
         pass
+
+
+class Progress(Instrument):
+    """Reports each pass as it starts (a spinner's text, a log line)."""
+
+    def __init__(self, step: Callable[[str], None]):
+        self.step = step
+
+    def before_pass(self, pass_, model, ctx) -> None:
+        self.step(f"pass {pass_.spec()}")
 
 
 class PrintAfterChange(Instrument):

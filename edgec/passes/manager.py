@@ -8,6 +8,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from edgec import ir as eir
+from edgec.errors import UserError
 from edgec.passes.core import Pass, PassContext, PassResult
 from edgec.passes.registry import MAX_FIXPOINT_ROUNDS, FixPoint, PipelineItem, format_pipeline, parse_pipeline
 
@@ -27,6 +29,8 @@ class PassRecord:
 class PipelineResult:
     model: ir.Model
     records: list[PassRecord] = field(default_factory=list)
+    # fixpoint groups stopped by MAX_FIXPOINT_ROUNDS while still changing: passes that never settle
+    unsettled: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -57,6 +61,25 @@ class PassManager:
     def text(self) -> str:
         return format_pipeline(self.items)
 
+    def pass_names(self) -> set[str]:
+        names, stack = set(), list(self.items)
+        while stack:
+            item = stack.pop()
+            if isinstance(item, FixPoint):
+                stack.extend(item.items)
+            else:
+                names.add(item.name)
+        return names
+
+    def check_counter(self, counter) -> None:
+        """A debug-counter name that is not in the pipeline is a typo: say so instead of ignoring it."""
+        unknown = sorted(set(counter.limits) - self.pass_names())
+        if unknown:
+            raise UserError(
+                f"--debug-counter names {', '.join(unknown)}, which the pipeline does not run",
+                f"use one of: {', '.join(sorted(self.pass_names()))}",
+            )
+
     def run(self, model: ir.Model) -> PipelineResult:
         result = PipelineResult(model)
         self._run_items(self.items, result)
@@ -70,6 +93,8 @@ class PassManager:
                     if not self._run_items(item.items, result):
                         break
                     changed = True
+                else:
+                    result.unsettled.append(item.spec())
             else:
                 changed |= self._run_pass(item, result)
         return changed
@@ -79,22 +104,18 @@ class PassManager:
         model = result.model
         for inst in ctx.instruments:
             inst.before_pass(pass_, model, ctx)
-        before = _count(model)
+        before = eir.node_count(model)
         start = time.perf_counter()
         out: PassResult = pass_(model, ctx)
         seconds = time.perf_counter() - start
         result.model = out.model
         if out.modified:
             ctx.analyses.invalidate(pass_.preserves)
-        record = PassRecord(pass_.name, pass_.spec(), out.modified, dict(out.stats), seconds, before, _count(out.model))
+        record = PassRecord(pass_.name, pass_.spec(), out.modified, dict(out.stats), seconds, before, eir.node_count(out.model))
         result.records.append(record)
         for inst in ctx.instruments:
             inst.after_pass(pass_, out.model, ctx, record)
         return out.modified
-
-
-def _count(model: ir.Model) -> int:
-    return sum(1 for _ in model.graph.all_nodes())
 
 
 def run_pipeline(model: ir.Model, pipeline: str, ctx: PassContext | None = None) -> PipelineResult:

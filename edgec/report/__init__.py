@@ -35,6 +35,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(dumps(obj) + "\n")
+        # mkstemp makes owner-only files; the report should be as readable as the model beside it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -113,10 +113,16 @@ def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarra
     if not path.is_file():
         raise UserError(f"inputs file {path} does not exist", "pass an .npz made with numpy.savez")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UserError(f"{path} is not a readable .npz file ({exc})", "write it with numpy.savez(path, name=array)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} holds one unnamed array, not arrays keyed by input name", "write it with numpy.savez(path, input_ids=..., ...)")
+    with data:
+        try:
+            arrays = {k: data[k] for k in data.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{path} has an unreadable array ({exc})", "write it again with numpy.savez") from None
     return check_inputs(arrays, model, str(path))
 
 
@@ -131,15 +137,12 @@ def check_inputs(arrays: dict[str, np.ndarray], model: ir.Model, source: str) ->
             )
         arr = arrays[value.name]
         want = _np_dtype(value)
-        if arr.dtype != want:
-            same_kind = (np.issubdtype(arr.dtype, np.integer) and np.issubdtype(want, np.integer)) or (
-                np.issubdtype(arr.dtype, np.floating) and np.issubdtype(want, np.floating)
-            )
-            if not same_kind:
-                raise UserError(f"{source}: {value.name!r} is {arr.dtype}, the model wants {want}", f"save it as {want}")
-            arr = arr.astype(want)
+        if arr.size == 0:
+            raise UserError(f"{source}: {value.name!r} is empty (shape {arr.shape})", "give at least one sample")
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             raise UserError(f"{source}: {value.name!r} contains NaN or inf", "clean the data before compiling")
+        if arr.dtype != want:
+            arr = _convert(arr, want, f"{source}: {value.name!r}")
         if value.shape is not None:
             if arr.ndim != len(value.shape):
                 raise UserError(
@@ -161,6 +164,22 @@ def check_inputs(arrays: dict[str, np.ndarray], model: ir.Model, source: str) ->
                         )
         feeds[value.name] = arr
     return feeds
+
+
+def _convert(arr: np.ndarray, want: np.dtype, what: str) -> np.ndarray:
+    """Same-kind conversion that refuses to change a value (an int64 -1 must not become uint8 255)."""
+    integer = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    if np.issubdtype(want, np.integer) and integer:
+        info = np.iinfo(want)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise UserError(f"{what} has values outside {want}'s range [{info.min}, {info.max}]", f"save it as {want}")
+        return arr.astype(want)
+    if np.issubdtype(want, np.floating) and np.issubdtype(arr.dtype, np.floating):
+        limit = np.finfo(want).max
+        if arr.size and np.max(np.abs(arr)) > limit:
+            raise UserError(f"{what} has values beyond {want}'s range", f"scale the data or save it as {want}")
+        return arr.astype(want)
+    raise UserError(f"{what} is {arr.dtype}, the model wants {want}", f"save it as {want}")
 
 
 def _dims(shape: ir.Shape) -> str:

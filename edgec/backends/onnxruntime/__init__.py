@@ -24,6 +24,9 @@ class OnnxRuntimeBackend(Backend):
             return "onnxruntime is not installed: pip install onnxruntime"
         return None
 
+    def artifact_names(self, stem: str = "model") -> tuple[str, ...]:
+        return (f"{stem}.onnx", f"{stem}.onnx.data")
+
     def emit(self, model: ir.Model, outdir: Path, *, target, precision: str, stem: str = "model") -> Artifact:
         path = eir.save(model, Path(outdir) / f"{stem}.onnx")
         files = [path]
