@@ -7,7 +7,6 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from edgec import ir as eir
 from edgec.analysis import analysis
 
 
@@ -47,7 +46,13 @@ def _infer_symbolic(model: ir.Model) -> None:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(eir.to_proto(model), auto_merge=True, guess_output_rank=False)
+        # onnx-ir's helper hands the proto over with big weights turned into typed inputs (not copied)
+        # and restores the model afterwards, as onnx-ir's own shape inference does.
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+
+        inferred = call_onnx_api(
+            lambda proto: SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False), model
+        )
     except Exception:  # its failures are many and varied; losing the refinement is harmless
         return
     finally:

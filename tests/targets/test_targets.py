@@ -250,7 +250,7 @@ def test_plugins_may_give_a_target_a_callable_or_a_path(tmp_path: Path, monkeypa
 @pytest.mark.parametrize(
     "ep, message",
     [
-        (_FakeEntryPoint("other-name", _npu_only(("MatMul",))), "as 'other-name' but its target is named 'npu-board'"),
+        (_FakeEntryPoint("other-name", _npu_only(("MatMul",))), "calls itself 'npu-board' but is registered as 'other-name'"),
         (_FakeEntryPoint("number", 42), "gave a int, not a Target"),
         (_FakeEntryPoint("x86-64", lambda: get_target("x86-64")), "already registered"),
     ],

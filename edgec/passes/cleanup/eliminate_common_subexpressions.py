@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.cleanup.fold_constants import NON_DETERMINISTIC_OPS, ONNX_DOMAINS, has_subgraph, remove_dead
+from edgec.passes.cleanup._util import NON_DETERMINISTIC_OPS, ONNX_DOMAINS, has_subgraph, remove_dead
 from edgec.passes.core import Pass, PassContext, PassResult
 
 # Two-input ops whose operands may be swapped without changing a single bit of the result (not
@@ -56,7 +56,7 @@ class EliminateCommonSubexpressionsPass(Pass):
                 continue
             for old, new in zip(node.outputs, kept.outputs):
                 old.replace_all_uses_with(new)
-            remove_dead(graph, node.outputs)
+            remove_dead(node.outputs)
             stats["nodes_merged"] += 1
         return PassResult(model, any(stats.values()), stats)
 

@@ -1,124 +1,36 @@
 """Constant folding: nodes whose inputs are all fixed at compile time become initializers, and so do
-Constant nodes. Also home of the small helpers the other cleanup passes share (constant lookup,
-naming a new initializer, removing what a rewrite left dead)."""
+Constant nodes."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import onnx.reference.ops
 import onnx_ir as ir
 
+from edgec.passes.cleanup._util import (
+    NON_DETERMINISTIC_OPS,
+    ONNX_DOMAINS,
+    constant_array,
+    constant_tensor,
+    has_subgraph,
+    is_onnx_op,
+    remove_dead,
+    replace_with_initializer,
+)
 from edgec.passes.core import Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
-ONNX_DOMAINS = ("", "ai.onnx")
-# Same inputs, different outputs on every run: folding (or merging) them changes the model's meaning.
-# Dropout is one when its training_mode input is true (a model exported in training mode).
-NON_DETERMINISTIC_OPS = frozenset(
-    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Bernoulli", "Multinomial", "Dropout"}
-)
 # Quantize/dequantize pairs on weights are the quantization format itself (QDQ ONNX for TensorRT
 # and ORT); Identity of a weight would only copy it (remove-identity reroutes its users instead).
 _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity"})
 # A fold that keeps a bigger constant input alive (a tied embedding also read by a Gather) may only
 # produce a result this small: anything larger is a second copy of the weight.
 _SHARED_INPUT_BYTES = 1024
-
-
-def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
-    return node.domain in ONNX_DOMAINS and node.op_type in op_types
-
-
-def has_subgraph(node: ir.Node) -> bool:
-    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
-
-
-def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The value's tensor when it is fixed at compile time: an initializer that is not also a graph
-    input (a caller may override those), or the output of a Constant node."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.is_initializer():
-        return value.const_value
-    producer = value.producer()
-    if producer is None or not is_onnx_op(producer, "Constant") or len(producer.attributes) != 1:
-        return None
-    if "sparse_value" in producer.attributes:
-        return None
-    try:
-        return ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    tensor = constant_tensor(value)
-    if tensor is None:
-        return None
-    try:
-        return tensor.numpy()
-    except Exception:  # external data that cannot be read, exotic dtypes: not foldable
-        return None
-
-
-def _initializer(name: str, data: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    tensor = ir.tensor(data) if isinstance(data, (np.ndarray, np.generic)) else data
-    tensor.name = name
-    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
-
-
-def add_initializer(graph: ir.Graph, array: np.ndarray) -> ir.Value:
-    """A new initializer holding `array`, named by onnx-ir's name authority (names are never made up here)."""
-    probe = ir.node("Constant", [], {"value": ir.tensor(array)})
-    graph.append(probe)  # onnx-ir names a value when its node joins a graph
-    name = probe.outputs[0].name
-    graph.remove(probe, safe=True)
-    value = _initializer(name, array)
-    graph.register_initializer(value)
-    return value
-
-
-def replace_with_initializer(graph: ir.Graph, value: ir.Value, data: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    """Moves every use of `value` to a new initializer that takes over its name; the caller removes
-    the node that produced `value`, which is left without uses."""
-    init = _initializer(value.name, data)
-    value.replace_all_uses_with(init)
-    # Two values may not share a name: the old one gives it up before its producer goes.
-    value.name = None
-    graph.register_initializer(init)
-    return init
-
-
-def remove_dead(graph: ir.Graph, seeds: Iterable[ir.Value | None]) -> tuple[int, int]:
-    """Removes the producers (and initializers) of `seeds` that a rewrite left without uses, then
-    theirs in turn. Returns (nodes removed, initializers removed)."""
-    nodes = inits = 0
-    stack = [v for v in seeds if v is not None]
-    while stack:
-        value = stack.pop()
-        if value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.is_initializer():
-            if graph.initializers.get(value.name) is value:
-                del graph.initializers[value.name]
-                inits += 1
-            continue
-        producer = value.producer()
-        if producer is None or producer.graph is not graph:
-            continue
-        if any(out.uses() or out.is_graph_output() for out in producer.outputs):
-            continue
-        inputs = list(producer.inputs)
-        graph.remove(producer, safe=True)
-        nodes += 1
-        stack.extend(v for v in inputs if v is not None)
-    return nodes, inits
 
 
 @dataclass
@@ -162,7 +74,7 @@ class FoldConstantsPass(Pass):
             inputs = list(node.inputs)
             graph.remove(node, safe=True)
             stats["nodes_folded"] += 1
-            stats["initializers_removed"] += remove_dead(graph, inputs)[1]
+            stats["initializers_removed"] += remove_dead(inputs)[1]
         modified = any(stats.values())
         return PassResult(model, modified, stats)
 

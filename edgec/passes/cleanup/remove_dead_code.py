@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from edgec.passes.cleanup._util import ONNX_DOMAINS
 from edgec.passes.core import NoOptions, Pass, PassContext, PassResult
 
 
@@ -42,7 +43,7 @@ class RemoveDeadCodePass(Pass):
         stats = {"nodes_removed": 0, "initializers_removed": 0, "functions_removed": 0, "opsets_removed": 0}
         self._sweep(model.graph, ctx, stats)
         self._remove_functions(model, ctx, stats)
-        self._remove_opsets(model, stats)
+        self._remove_opsets(model, ctx, stats)
         return PassResult(model, any(stats.values()), stats)
 
     def _sweep(self, graph: ir.Graph, ctx: PassContext, stats: dict[str, int]) -> None:
@@ -79,11 +80,12 @@ class RemoveDeadCodePass(Pass):
                 del model.functions[op]
                 stats["functions_removed"] += 1
 
-    def _remove_opsets(self, model: ir.Model, stats: dict[str, int]) -> None:
+    def _remove_opsets(self, model: ir.Model, ctx: PassContext, stats: dict[str, int]) -> None:
         # The default domain always stays: converters and checkers read its version.
-        used = {""} | _domains(model.graph)
+        used = set(ONNX_DOMAINS) | _domains(model.graph)
         for function in model.functions.values():
             used |= {function.domain} | _domains(function)
-        for domain in [d for d in model.opset_imports if d not in used and d != "ai.onnx"]:
-            del model.opset_imports[domain]
-            stats["opsets_removed"] += 1
+        for domain in [d for d in model.opset_imports if d not in used]:
+            if ctx.allow(self.name):
+                del model.opset_imports[domain]
+                stats["opsets_removed"] += 1

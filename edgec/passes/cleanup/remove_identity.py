@@ -1,7 +1,7 @@
 """remove-identity: drops Identity, inference-mode Dropout and ops that provably return their input.
 
-Also holds the small rewrite helpers the other remove-* cleanup passes share (bypass a node while
-keeping graph-output names, read a constant, compare shapes).
+A no-op Expand is simplify-shapes' to remove: its target is usually computed from run-time dims,
+which only simplify-shapes' symbolic facts can compare with the input's.
 """
 
 from __future__ import annotations
@@ -11,120 +11,21 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.cleanup._util import (
+    MAX_CONSTANT_ELEMENTS,
+    bypass,
+    can_take_name,
+    constant_array,
+    constant_ints,
+    ensure_shapes,
+    is_onnx_op,
+    rank,
+    same_shape,
+)
 from edgec.passes.core import Pass, PassContext, PassResult
 
-# Constants bigger than this are not read to find out whether they are all zeros or ones: a real
-# no-op operand is at most as big as a bias, and reading a large weight costs memory and time.
-MAX_CONSTANT_ELEMENTS = 1 << 20
 # A Slice end at least this large reaches the end of any axis a real tensor can have.
 SLICE_TO_END = 1 << 62
-
-
-# --- helpers shared by the remove-* cleanup passes ---------------------------------------------
-
-def constant_array(value: ir.Value | None, max_elements: int = MAX_CONSTANT_ELEMENTS) -> np.ndarray | None:
-    """The value's content when it is a constant (initializer or Constant node), else None.
-
-    An initializer that is also a graph input is not a constant: the caller may feed another value.
-    """
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError:  # a malformed Constant node: not ours to judge here
-        return None
-    if tensor is None or int(np.prod(list(tensor.shape), dtype=np.int64)) > max_elements:
-        return None
-    return tensor.numpy()
-
-
-def constant_ints(value: ir.Value | None) -> list[int] | None:
-    array = constant_array(value)
-    if array is None or array.ndim > 1 or not np.issubdtype(array.dtype, np.integer):
-        return None
-    return [int(v) for v in array.reshape(-1)]
-
-
-def known_dim(dim) -> bool:
-    """Whether a dim names a definite size: an int, or a named symbol (equal names, equal sizes)."""
-    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and bool(dim.value))
-
-
-def same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
-    """Whether two shapes are provably equal: same rank, every dim the same int or the same named symbol.
-
-    Unknown dims (no name) never compare equal, although onnx-ir's SymbolicDim(None) == SymbolicDim(None).
-    """
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return all(known_dim(x) and known_dim(y) and x == y for x, y in zip(a, b))
-
-
-def rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else len(value.shape)
-
-
-def can_take_name(value: ir.Value, graph: ir.Graph) -> bool:
-    """Whether `value` may be renamed to become an output of `graph` (an intermediate of that graph)."""
-    producer = value.producer()
-    return (
-        producer is not None
-        and producer.graph is graph
-        and not value.is_graph_output()
-        and not value.is_graph_input()
-        and not value.is_initializer()
-    )
-
-
-def bypass(node: ir.Node, replacement: ir.Value, output: ir.Value | None = None) -> None:
-    """Makes the readers of `output` (default: the node's first output) read `replacement`, then
-    removes `node`, whose other outputs must be unused.
-
-    A graph output keeps its name, which is the model's API: `replacement` takes the name when it is
-    an intermediate of the same graph; otherwise (a graph input, an initializer, another graph
-    output, a value of an outer scope) an Identity carrying the name replaces `node`.
-    """
-    output = node.outputs[0] if output is None else output
-    graph = node.graph
-    assert graph is not None, "bypass of a node that is not in a graph"
-    if not output.is_graph_output():
-        output.replace_all_uses_with(replacement)
-        graph.remove(node, safe=True)
-        return
-    if can_take_name(replacement, graph):
-        name = output.name
-        # The graph output's declared type and shape are part of the API too.
-        if output.type is not None:
-            replacement.type = output.type
-        if output.shape is not None:
-            replacement.shape = output.shape
-        output.replace_all_uses_with(replacement, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        replacement.name = name
-        return
-    identity = ir.node("Identity", [replacement])
-    ir.convenience.replace_nodes_and_values(graph, node, [node], [identity], [output], [identity.outputs[0]])
-
-
-def remove_if_dead(node: ir.Node | None) -> bool:
-    """Removes `node` when none of its outputs is read any more; returns whether it did."""
-    if node is None or node.graph is None:
-        return False
-    if any(out.uses() or out.is_graph_output() for out in node.outputs):
-        return False
-    node.graph.remove(node, safe=True)
-    return True
-
-
-def ensure_shapes(model: ir.Model, ctx: PassContext, ops: set[str]) -> None:
-    """Has the values annotated with shapes and types (the "shapes" analysis, in place) when the model
-    has any node of `ops`: inference is not free, and most models lack some of the ops."""
-    if any(node.op_type in ops and node.domain in ("", "ai.onnx") for node in model.graph.all_nodes()):
-        ctx.analyses.get("shapes", model)
-
-
-def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in op_types
 
 
 # --- the rules: node -> the value it provably equals, or None ----------------------------------
@@ -159,7 +60,7 @@ def _neutral_operand(node: ir.Node, neutral: float, positions: tuple[int, ...]) 
         return None
     for pos in positions:
         const, x = node.inputs[pos], node.inputs[1 - pos]
-        array = constant_array(const)
+        array = constant_array(const, MAX_CONSTANT_ELEMENTS)
         if array is None or x.dtype is None or ir.DataType.from_numpy(array.dtype) != x.dtype:
             continue  # an int x times a float 1.0 would change the type (and is not valid ONNX)
         if array.size and np.all(array == neutral) and _broadcasts_into(x, array.shape):
@@ -182,14 +83,6 @@ def _mul(node: ir.Node) -> ir.Value | None:
 
 def _div(node: ir.Node) -> ir.Value | None:
     return _neutral_operand(node, 1, (1,))
-
-
-def _expand(node: ir.Node) -> ir.Value | None:
-    x, out = node.inputs[0], node.outputs[0]
-    shape = constant_ints(node.inputs[1])
-    if shape is not None and _broadcasts_into(x, tuple(shape)):
-        return x
-    return x if same_shape(x.shape, out.shape) else None
 
 
 def _tile(node: ir.Node) -> ir.Value | None:
@@ -246,19 +139,18 @@ RULES: dict[str, tuple[Callable[[ir.Node], ir.Value | None], str]] = {
     "Sub": (_sub, "noops_removed"),
     "Mul": (_mul, "noops_removed"),
     "Div": (_div, "noops_removed"),
-    "Expand": (_expand, "noops_removed"),
     "Tile": (_tile, "noops_removed"),
     "Pad": (_pad, "noops_removed"),
     "Slice": (_slice, "noops_removed"),
     "Concat": (_concat, "noops_removed"),
 }
 # Rules that read inferred shapes or types.
-_NEEDS_SHAPES = {"Add", "Sub", "Mul", "Div", "Expand", "Tile", "Slice"}
+_NEEDS_SHAPES = {"Add", "Sub", "Mul", "Div", "Tile", "Slice"}
 
 
 class RemoveIdentityPass(Pass):
-    """Removes Identity, inference-mode Dropout and exact no-ops (Expand/Tile to the same shape, zero
-    Pad, whole-tensor Slice, +0, -0, *1, /1 that keep shape and type, one-input Concat)."""
+    """Removes Identity, inference-mode Dropout and exact no-ops (Tile to the same shape, zero Pad,
+    whole-tensor Slice, +0, -0, *1, /1 that keep shape and type, one-input Concat)."""
 
     name = "remove-identity"
     requires = ("shapes",)
@@ -267,7 +159,7 @@ class RemoveIdentityPass(Pass):
         stats = {"identities_removed": 0, "dropouts_removed": 0, "noops_removed": 0}
         ensure_shapes(model, ctx, _NEEDS_SHAPES)
         for node in list(model.graph.all_nodes()):
-            if node.graph is None or node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+            if node.graph is None or not is_onnx_op(node, *RULES):
                 continue
             rule, stat = RULES[node.op_type]
             replacement = rule(node)

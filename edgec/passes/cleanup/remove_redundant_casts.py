@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgec.passes.cleanup.remove_identity import bypass, ensure_shapes, is_onnx_op, remove_if_dead
+from edgec.passes.cleanup._util import bypass, ensure_shapes, is_onnx_op, remove_dead
 from edgec.passes.core import Pass, PassContext, PassResult
 
 T = ir.DataType
@@ -77,10 +77,10 @@ class RemoveRedundantCastsPass(Pass):
                 # There and back through a wider type: neither cast is needed by this reader.
                 if ctx.allow(self.name):
                     bypass(node, source)
-                    removed += 1 + remove_if_dead(inner)
+                    removed += 1 + remove_dead(inner.outputs, only=_is_cast)[0]
             elif len(x.uses()) == 1 and not x.is_graph_output():
                 # Only worth it when the inner cast goes away; with other readers it stays anyway.
                 if ctx.allow(self.name):
                     node.replace_input_with(0, source)
-                    removed += remove_if_dead(inner)
+                    removed += remove_dead(inner.outputs, only=_is_cast)[0]
         return PassResult(model, removed > 0, {"casts_removed": removed})

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgec.passes.cleanup.remove_identity import (
+from edgec.passes.cleanup._util import (
     bypass,
     constant_ints,
     ensure_shapes,
     is_onnx_op,
     rank,
-    remove_if_dead,
+    remove_dead,
     same_shape,
 )
 from edgec.passes.core import Pass, PassContext, PassResult
@@ -113,15 +113,6 @@ def _chain(value: ir.Value) -> list[ir.Node]:
     return nodes
 
 
-def _remove_dead_chain(chain: list[ir.Node]) -> int:
-    removed = 0
-    for node in chain:
-        if not remove_if_dead(node):
-            break
-        removed += 1
-    return removed
-
-
 class RemoveRedundantReshapesPass(Pass):
     """Removes Reshape/Squeeze/Unsqueeze/Flatten chains that end in the shape they started from and
     lets a Reshape to a constant shape skip the reshapes before it (Reshape of Reshape -> one Reshape)."""
@@ -141,7 +132,7 @@ class RemoveRedundantReshapesPass(Pass):
             if _keeps_shape(node):
                 if ctx.allow(self.name):
                     bypass(node, x)
-                    removed += 1 + _remove_dead_chain(chain)
+                    removed += 1 + remove_dead([x], only=_is_layout)[0]
                 continue
             # The furthest value up the chain with this node's shape: everything between is a no-op.
             source = None
@@ -156,7 +147,7 @@ class RemoveRedundantReshapesPass(Pass):
                     source = start
             if source is not None and ctx.allow(self.name):
                 bypass(node, source)
-                removed += 1 + _remove_dead_chain(chain)
+                removed += 1 + remove_dead([x], only=_is_layout)[0]
         return PassResult(model, removed > 0, {"reshapes_removed": removed})
 
     def _skip_inner_reshapes(self, node: ir.Node, chain: list[ir.Node], ctx: PassContext) -> int:
@@ -175,7 +166,7 @@ class RemoveRedundantReshapesPass(Pass):
             if not self._inner_is_plain(inner) or not ctx.allow(self.name):
                 break
             node.replace_input_with(0, inner.inputs[0])
-            removed += remove_if_dead(inner)
+            removed += remove_dead(inner.outputs, only=_is_layout)[0]
         return removed
 
     @staticmethod

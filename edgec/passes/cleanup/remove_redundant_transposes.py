@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgec.passes.cleanup.remove_identity import bypass, is_onnx_op, rank, remove_if_dead
+from edgec.passes.cleanup._util import bypass, is_onnx_op, rank, remove_dead
 from edgec.passes.core import Pass, PassContext, PassResult
 
 
@@ -61,11 +61,11 @@ class RemoveRedundantTransposesPass(Pass):
             if _is_identity(composed):
                 if ctx.allow(self.name):
                     bypass(node, source)
-                    removed += 1 + remove_if_dead(inner_node)
+                    removed += 1 + remove_dead(inner_node.outputs, only=_is_transpose)[0]
             elif len(node.inputs[0].uses()) == 1 and not node.inputs[0].is_graph_output():
                 # With other readers the inner Transpose stays, and two Transposes cost what two did.
                 if ctx.allow(self.name):
                     node.replace_input_with(0, source)
                     node.attributes["perm"] = ir.AttrInt64s("perm", composed)
-                    removed += remove_if_dead(inner_node)
+                    removed += remove_dead(inner_node.outputs, only=_is_transpose)[0]
         return PassResult(model, removed > 0, {"transposes_removed": removed})

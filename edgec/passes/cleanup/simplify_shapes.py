@@ -1,6 +1,7 @@
 """Shape arithmetic of real exports, resolved as far as shapes are known: Shape/Gather/Slice/Concat
 chains become constants, Reshape targets become constant (0 = keep that dim, one -1), no-op Expands
-go. Dims that are truly dynamic stay computed at run time."""
+go (here rather than in remove-identity: proving one usually takes the symbolic facts). Dims that
+are truly dynamic stay computed at run time."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from typing import Callable, Union
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.cleanup.fold_constants import (
+from edgec.passes.cleanup._util import (
     ONNX_DOMAINS,
     add_initializer,
+    bypass,
     constant_array,
+    is_onnx_op,
     remove_dead,
     replace_with_initializer,
+    same_shape,
 )
 from edgec.passes.core import NoOptions, Pass, PassContext, PassResult
 
@@ -101,8 +105,8 @@ class _Facts:
             return None
         if value in self.known:
             return self.known[value]
-        array = constant_array(value)
-        if array is None or array.ndim > 1 or array.size > _MAX_ELEMENTS:
+        array = constant_array(value, _MAX_ELEMENTS)
+        if array is None or array.ndim > 1:
             return None
         if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
             return None
@@ -357,24 +361,27 @@ class SimplifyShapesPass(Pass):
         for node in list(graph):
             if node.graph is not graph:  # removed with a chain that an earlier rewrite left dead
                 continue
-            if node.domain in ONNX_DOMAINS and node.op_type == "Expand" and self._noop_expand(node, facts):
+            if is_onnx_op(node, "Expand") and self._noop_expand(node, facts):
                 if ctx.allow(self.name):
-                    node.outputs[0].replace_all_uses_with(node.inputs[0])
-                    stats["nodes_removed"] += remove_dead(graph, node.outputs)[0]
+                    # Counted by the graph's size: at a graph output an Identity may take its place.
+                    count, target = len(graph), node.inputs[1]
+                    bypass(node, node.inputs[0])
+                    remove_dead([target])
+                    stats["nodes_removed"] += count - len(graph)
                     stats["expands_removed"] += 1
                 continue
-            if node.domain in ONNX_DOMAINS and node.op_type == "Reshape":
+            if is_onnx_op(node, "Reshape"):
                 target = self._static_target(node, facts)
                 if target is not None and ctx.allow(self.name):
                     old = node.inputs[1]
                     node.replace_input_with(1, add_initializer(graph, np.array(target, dtype=np.int64)))
                     node.attributes.pop("allowzero", None)  # 0, the default: see _static_target
-                    stats["nodes_removed"] += remove_dead(graph, [old])[0]
+                    stats["nodes_removed"] += remove_dead([old])[0]
                     stats["reshapes_made_static"] += 1
             for value in node.outputs:
                 if self._should_fold(value, facts) and ctx.allow(self.name):
                     replace_with_initializer(graph, value, facts.known[value].array())
-                    stats["nodes_removed"] += remove_dead(graph, [value])[0]
+                    stats["nodes_removed"] += remove_dead([value])[0]
                     stats["shapes_folded"] += 1
         return PassResult(model, any(stats.values()), stats)
 
@@ -416,9 +423,16 @@ class SimplifyShapesPass(Pass):
         return target if target.count(-1) <= 1 else None
 
     def _noop_expand(self, node: ir.Node, facts: _Facts) -> bool:
+        """Whether the Expand gives back its input: every target element is 1 or the input's own dim
+        there (a number, or a run-time dim the facts prove equal), or inference gave the output the
+        input's shape."""
         x, out = node.inputs[0], node.outputs[0]
-        known = facts.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        if x is None or x.shape is None or known is None or known.scalar or out.is_graph_output():
+        if x is None or len(node.inputs) < 2:
+            return False
+        if same_shape(x.shape, out.shape):
+            return True
+        known = facts.get(node.inputs[1])
+        if x.shape is None or known is None or known.scalar:
             return False
         rank = len(x.shape)
         if len(known.elems) > rank:

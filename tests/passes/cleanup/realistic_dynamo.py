@@ -17,7 +17,9 @@ import warnings
 import onnx
 import onnx_ir as ir
 
+from edgec import ir as eir
 from edgec.frontends.onnx import normalize_opset
+from edgec.passes.core import PassContext
 from edgec.testing import assert_numerically_equal
 from edgec.verify import generate_inputs
 
@@ -117,3 +119,15 @@ def assert_same_outputs(before: ir.Model, after: ir.Model) -> None:
     for seq in SEQUENCE_LENGTHS:
         feeds = generate_inputs(before, batch=BATCH, sequence=seq)
         assert_numerically_equal(before, after, feeds, rtol=1e-5, atol=1e-5)
+
+
+def check_export(pass_, arch: str, exporter: str):
+    """Runs `pass_` on a fresh copy of the export and checks what it owes any real model: valid IR,
+    the same outputs with the dynamic axes intact, and nothing left for a second run. Returns
+    (before, after, result) for the checks of the pass's own work."""
+    before, after = exported(arch, exporter), exported(arch, exporter)
+    result = pass_(after, PassContext())
+    eir.verify(after)
+    assert_same_outputs(before, after)
+    assert not pass_(after, PassContext()).modified, f"{pass_.name} changed the {arch} {exporter} export again"
+    return before, after, result

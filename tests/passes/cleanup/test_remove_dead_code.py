@@ -91,6 +91,18 @@ def test_debug_counter_stops_after_one_rewrite():
     assert result.stats["nodes_removed"] == 1
 
 
+def test_debug_counter_at_zero_removes_nothing_at_all():
+    # Every kind of removal asks the counter, opset imports included.
+    header = '<ir_version: 10, opset_import: ["" : 20, "local" : 1, "com.microsoft" : 1]>\n'
+    functions = '<domain: "local", opset_import: ["" : 20]>\nUnused (a) => (b) { b = Sub(a, a) }\n'
+    before = model(SIG, "a = Exp(x)\n y = Neg(x)", "float[2] w = {1, 2}", header=header, functions=functions)
+    result = run_pass(RemoveDeadCodePass(), before, PassContext(counter=DebugCounter({"remove-dead-code": 0})))
+    assert not result.modified
+    assert result.stats == {"nodes_removed": 0, "initializers_removed": 0, "functions_removed": 0, "opsets_removed": 0}
+    assert dict(result.model.opset_imports) == {"": 20, "local": 1, "com.microsoft": 1}
+    assert len(result.model.functions) == 1 and list(result.model.graph.initializers) == ["w"]
+
+
 # --- a real export ---------------------------------------------------------------------------
 
 def test_bert_export_without_its_pooler_output():

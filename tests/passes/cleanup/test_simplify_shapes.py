@@ -1,4 +1,5 @@
 import onnx_ir as ir
+import pytest
 
 import realistic
 from edgec.passes.cleanup.simplify_shapes import SimplifyShapesPass
@@ -98,6 +99,27 @@ def test_torch_expand_minus_one_idiom_is_a_no_op():
     assert result.stats["expands_removed"] == 1
 
 
+@pytest.mark.parametrize("target", ["int64[2] c = {1, 4}", "int64[1] c = {1}"])
+def test_expand_to_a_constant_that_broadcasts_into_the_input_removed(target):
+    before = model("g (float[N,4] x) => (float[N,4] y)", "a = Expand(x, c)\n y = Relu(a)", target)
+    expected = model("g (float[N,4] x) => (float[N,4] y)", "y = Relu(x)")
+    result = check_pass(SimplifyShapesPass(), before, expected)
+    assert result.stats == {"shapes_folded": 0, "reshapes_made_static": 0, "expands_removed": 1, "nodes_removed": 1}
+
+
+def test_expand_to_the_shape_of_its_own_input_removed():
+    before = model("g (float[2,4] x) => (float[2,4] y)", "s = Shape(x)\n a = Expand(x, s)\n y = Relu(a)", "")
+    expected = model("g (float[2,4] x) => (float[2,4] y)", "y = Relu(x)")
+    check_pass(SimplifyShapesPass(), before, expected)
+
+
+def test_noop_expand_from_graph_input_to_graph_output_becomes_identity():
+    before = model("g (float[N,4] x) => (float[N,4] y)", "y = Expand(x, c)", "int64[1] c = {1}")
+    expected = model("g (float[N,4] x) => (float[N,4] y)", "y = Identity(x)")
+    result = check_pass(SimplifyShapesPass(), before, expected)
+    assert [v.name for v in result.model.graph.outputs] == ["y"]
+
+
 # --- near-misses -----------------------------------------------------------------------------
 
 def test_swapped_dynamic_dims_stay_dynamic():
@@ -129,13 +151,14 @@ def test_allowzero_with_a_literal_zero_is_left_alone():
     check_pass(SimplifyShapesPass(), before, None)
 
 
-def test_expand_that_broadcasts_stays():
-    before = model(
-        "g (float[B,1,S] x, float[B,4,S] t) => (float[B,4,S] y)",
-        "s = Shape(t)\n e = Expand(x, s)\n y = Relu(e)",
-        "",
-    )
-    check_pass(SimplifyShapesPass(), before, None)
+@pytest.mark.parametrize("signature, body, inits", [
+    ("g (float[B,1,S] x, float[B,4,S] t) => (float[B,4,S] y)", "s = Shape(t)\n e = Expand(x, s)\n y = Relu(e)", ""),
+    # a constant target that adds an axis, or stretches one
+    ("g (float[N,4] x) => (float[N,2,4] y)", "e = Expand(x, s)\n y = Relu(e)", "int64[3] s = {1, 2, 4}"),
+    ("g (float[2,1] x) => (float[2,4] y)", "e = Expand(x, s)\n y = Relu(e)", "int64[2] s = {2, 4}"),
+])
+def test_expand_that_broadcasts_stays(signature, body, inits):
+    check_pass(SimplifyShapesPass(), model(signature, body, inits), None)
 
 
 # --- debug counter ---------------------------------------------------------------------------

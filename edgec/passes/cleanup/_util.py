@@ -1,0 +1,201 @@
+"""What the cleanup passes share: recognising ops and constants, comparing shapes, and the rewrites
+they all make (bypass a node, add an initializer, remove what a rewrite left dead)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.passes.core import PassContext
+
+ONNX_DOMAINS = ("", "ai.onnx")
+# Same inputs, different outputs on every run: folding (or merging) them changes the model's meaning.
+# Dropout is one when its training_mode input is true (a model exported in training mode).
+NON_DETERMINISTIC_OPS = frozenset(
+    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Bernoulli", "Multinomial", "Dropout"}
+)
+# A pass that only inspects a constant (is it all ones? a shape vector?) does not read one bigger
+# than this: what it looks for is at most as big as a bias, and reading a weight costs memory and time.
+MAX_CONSTANT_ELEMENTS = 1 << 20
+
+
+def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
+    return node.domain in ONNX_DOMAINS and node.op_type in op_types
+
+
+def has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+# --- constants -------------------------------------------------------------------------------------
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The value's tensor when it is fixed at compile time: an initializer that is not also a graph
+    input (a caller may override those), or the output of a well-formed Constant node."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.is_initializer():
+        return value.const_value
+    producer = value.producer()
+    if producer is None or not is_onnx_op(producer, "Constant") or len(producer.attributes) != 1:
+        return None
+    if "sparse_value" in producer.attributes:
+        return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+
+
+def constant_array(value: ir.Value | None, max_elements: int | None = None) -> np.ndarray | None:
+    """The content of a constant (see constant_tensor), or None; also None when it has more than
+    `max_elements` elements, which are then never read."""
+    tensor = constant_tensor(value)
+    if tensor is None:
+        return None
+    if max_elements is not None and math.prod(tensor.shape) > max_elements:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:  # external data that cannot be read, exotic dtypes: not usable
+        return None
+
+
+def constant_ints(value: ir.Value | None) -> list[int] | None:
+    """A constant integer scalar or vector (a shape, axes, pads) as a list."""
+    array = constant_array(value, MAX_CONSTANT_ELEMENTS)
+    if array is None or array.ndim > 1 or not np.issubdtype(array.dtype, np.integer):
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+# --- shapes -----------------------------------------------------------------------------------------
+
+def known_dim(dim) -> bool:
+    """Whether a dim names a definite size: an int, or a named symbol (equal names, equal sizes)."""
+    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and bool(dim.value))
+
+
+def same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Whether two shapes are provably equal: same rank, every dim the same int or the same named symbol.
+
+    Unknown dims (no name) never compare equal, although onnx-ir's SymbolicDim(None) == SymbolicDim(None).
+    """
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(known_dim(x) and known_dim(y) and x == y for x, y in zip(a, b))
+
+
+def rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def ensure_shapes(model: ir.Model, ctx: PassContext, ops: set[str]) -> None:
+    """Has the values annotated with shapes and types (the "shapes" analysis, in place) when the model
+    has any node of `ops`: inference is not free, and most models lack some of the ops."""
+    if any(is_onnx_op(node, *ops) for node in model.graph.all_nodes()):
+        ctx.analyses.get("shapes", model)
+
+
+# --- rewrites ---------------------------------------------------------------------------------------
+
+def can_take_name(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether `value` may be renamed to become an output of `graph` (an intermediate of that graph)."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.graph is graph
+        and not value.is_graph_output()
+        and not value.is_graph_input()
+        and not value.is_initializer()
+    )
+
+
+def bypass(node: ir.Node, replacement: ir.Value, output: ir.Value | None = None) -> None:
+    """Makes the readers of `output` (default: the node's first output) read `replacement`, then
+    removes `node`, whose other outputs must be unused.
+
+    A graph output keeps its name, which is the model's API: `replacement` takes the name when it is
+    an intermediate of the same graph; otherwise (a graph input, an initializer, another graph
+    output, a value of an outer scope) an Identity carrying the name replaces `node`.
+    """
+    output = node.outputs[0] if output is None else output
+    graph = node.graph
+    assert graph is not None, "bypass of a node that is not in a graph"
+    if not output.is_graph_output():
+        output.replace_all_uses_with(replacement)
+        graph.remove(node, safe=True)
+        return
+    if can_take_name(replacement, graph):
+        name = output.name
+        # The graph output's declared type and shape are part of the API too.
+        if output.type is not None:
+            replacement.type = output.type
+        if output.shape is not None:
+            replacement.shape = output.shape
+        output.replace_all_uses_with(replacement, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        replacement.name = name
+        return
+    identity = ir.node("Identity", [replacement])
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [identity], [output], [identity.outputs[0]])
+
+
+def _initializer(name: str, data: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    tensor = ir.tensor(data) if isinstance(data, (np.ndarray, np.generic)) else data
+    tensor.name = name
+    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array`, named by onnx-ir's name authority (names are never made up here)."""
+    probe = ir.node("Constant", [], {"value": ir.tensor(array)})
+    graph.append(probe)  # onnx-ir names a value when its node joins a graph
+    name = probe.outputs[0].name
+    graph.remove(probe, safe=True)
+    value = _initializer(name, array)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_with_initializer(graph: ir.Graph, value: ir.Value, data: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Moves every use of `value` to a new initializer that takes over its name; the caller removes
+    the node that produced `value`, which is left without uses."""
+    init = _initializer(value.name, data)
+    value.replace_all_uses_with(init)
+    # Two values may not share a name: the old one gives it up before its producer goes.
+    value.name = None
+    graph.register_initializer(init)
+    return init
+
+
+def remove_dead(values: Iterable[ir.Value | None], only: Callable[[ir.Node], bool] | None = None) -> tuple[int, int]:
+    """Removes what a rewrite left without readers: the producers of `values` and the initializers
+    among them, then what those read, in turn. Graph inputs and outputs stay. With `only`, nodes it
+    rejects stay too (a pass whose stat counts its own ops leaves the rest to remove-dead-code).
+    Returns (nodes removed, initializers removed)."""
+    nodes = inits = 0
+    stack = [v for v in values if v is not None]
+    while stack:
+        value = stack.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
+            graph = value.graph
+            if graph is not None and graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
+                inits += 1
+            continue
+        producer = value.producer()
+        if producer is None or producer.graph is None or (only is not None and not only(producer)):
+            continue
+        if any(out.uses() or out.is_graph_output() for out in producer.outputs):
+            continue
+        inputs = list(producer.inputs)
+        producer.graph.remove(producer, safe=True)
+        nodes += 1
+        stack.extend(v for v in inputs if v is not None)
+    return nodes, inits
