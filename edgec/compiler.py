@@ -53,17 +53,22 @@ class CompileResult:
     failures: list[str] = field(default_factory=list)
 
 
+def _check_writable_folder(path: Path, what: str) -> None:
+    """`path` is, or can be created as, a folder we may write into; creates nothing."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a folder", "pass a folder path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {what} {path} ({existing} is not a writable folder)", "choose a writable folder")
+
+
 def check_output_dir(outdir: Path, writes: list[str], sources: list[Path]) -> Path:
     """Fails early, before any work, when the output folder cannot take the files `writes` names:
     not writable, a folder in the way, or an output that would overwrite the model being compiled."""
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"output {outdir} exists and is not a folder", "pass -o with a folder path")
-    existing = outdir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output folder {outdir} ({existing} is not a writable folder)", "choose a writable folder with -o")
+    _check_writable_folder(outdir, "output folder")
     resolved_sources = {p.resolve() for p in sources}
     for name in writes:
         dest = outdir / name
@@ -72,18 +77,6 @@ def check_output_dir(outdir: Path, writes: list[str], sources: list[Path]) -> Pa
         if dest.is_dir():
             raise UserError(f"{dest} is a folder, where edgec writes a file", "remove it or choose another output folder")
     return outdir
-
-
-def check_dump_dir(path: Path | None) -> None:
-    if path is None:
-        return
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--dump-ir {path} is a file", "pass a folder path")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write IR dumps to {path}", "choose a writable folder for --dump-ir")
 
 
 def choose_backend(target: Target, requested: str | None, notes: list[str]) -> Backend:
@@ -168,7 +161,8 @@ def compile_model(
     full_pipeline = ",".join(p for p in (pipeline_text, lowering) if p)
     manager = PassManager(full_pipeline or [], PassContext())  # parse now: unknown passes fail early
     manager.check_counter(counter)
-    check_dump_dir(options.dump_ir)
+    if options.dump_ir is not None:
+        _check_writable_folder(Path(options.dump_ir), "--dump-ir folder")
     source_path = Path(source)
     sources = eir.model_files(source_path) if source_path.is_file() else []
     writes = [*backend.artifact_names(), "report.json"]
