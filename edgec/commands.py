@@ -95,6 +95,9 @@ def _print_compile(report: dict, console) -> None:
         f"cosine mean {v['cosine_mean']:.7f} min {v['cosine_min']:.7f}, SQNR {v['sqnr_db']:.1f} dB, "
         f"max abs err {v['max_abs_error']:.3g} on {v['samples']} samples ({v['inputs']}) in {v['verified_in']}",
     )
+    export = v.get("export_vs_pytorch")
+    if export:
+        summary.add_row("export vs PyTorch", f"cosine min {export['cosine_min']:.7f}, max abs err {export['max_abs_error']:.3g}")
     second = v.get("second_shape")
     if second:
         shapes = ", ".join(f"{k} {'x'.join(map(str, d))}" for k, d in second["shapes"].items())

@@ -190,6 +190,15 @@ def compile_model(
                 f"the original model does not run in onnxruntime on these inputs ({_first_line(exc)})",
                 "check the model and --inputs (token ids inside the vocabulary, shapes the model accepts)",
             ) from None
+        export_check = None
+        if source_path.is_dir():
+            # The user's original is the PyTorch model: the export must compute what it computes.
+            from edgec.frontends.torch import run_hf_folder
+
+            step("running the PyTorch model")
+            (output_name,) = reference.keys() if len(reference) == 1 else (None,)
+            if output_name is not None:
+                export_check = compare(run_hf_folder(source_path, feeds, output_name), reference)
         t = mark("reference", t)
 
         instruments: list[Instrument] = [Progress(step)]
@@ -231,6 +240,8 @@ def compile_model(
                 verified_in = "onnxruntime (final IR; artifact runtime unavailable here)"
             figures = compare(reference, outputs)
             failures = check_tolerance(figures, tolerance)
+            if export_check is not None:
+                failures += [f"the ONNX export differs from PyTorch: {f}" for f in check_tolerance(export_check, tolerance)]
             second_shape = None
             if runtime_note is None and backend.dynamic_shapes and _has_dynamic_dims(model):
                 # Shape rewrites must hold for every size, not just the one verified above.
@@ -280,6 +291,7 @@ def compile_model(
             "runtime_note": runtime_note,
             "tolerance": tolerance,
             "second_shape": second_shape,
+            "export_vs_pytorch": export_check,
             "passed": not failures,
             "failures": failures,
         },

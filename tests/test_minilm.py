@@ -63,4 +63,5 @@ def test_compile_takes_a_hugging_face_folder(minilm_folder, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["passed"] and report["sizes"]["final_nodes"] < report["sizes"]["original_nodes"]
     assert report["verification"]["second_shape"]["cosine_min"] >= 0.99999
+    assert report["verification"]["export_vs_pytorch"]["cosine_min"] >= 0.99999
     assert not list(minilm_folder.glob("*.onnx")), "the export must not be written into the model folder"

@@ -16,6 +16,8 @@ import tempfile
 import warnings
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from edgec.errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -353,12 +355,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def export_hf_folder(folder, path, *, exporter: str = "dynamo", batch: int = 2, seq_len: int = 16) -> pathlib.Path:
-    """Export the model in a local Hugging Face folder (config.json + weights), never downloading.
-
-    The graph's one output is `logits` for a model with a head (per config.architectures), else
-    `last_hidden_state`.
-    """
+def _load_hf_folder(folder):
+    """(model, config) from a local Hugging Face folder, in eval mode, never downloading."""
     transformers = _transformers()
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -384,7 +382,27 @@ def export_hf_folder(folder, path, *, exporter: str = "dynamo", batch: int = 2, 
         shown = ", ".join((missing or sorted(map(str, info["mismatched_keys"])))[:4])
         raise UserError(f"the weights in {folder} do not fit {type(model).__name__} (missing or mismatched: {shown})",
                         "use a folder whose checkpoint matches config.json's architectures")
+    return model.eval(), config
+
+
+def export_hf_folder(folder, path, *, exporter: str = "dynamo", batch: int = 2, seq_len: int = 16) -> pathlib.Path:
+    """Export the model in a local Hugging Face folder (config.json + weights), never downloading.
+
+    The graph's one output is `logits` for a model with a head (per config.architectures), else
+    `last_hidden_state`.
+    """
+    model, config = _load_hf_folder(folder)
     return _export_transformers(model, config, path, exporter=exporter, batch=batch, seq_len=seq_len)
+
+
+def run_hf_folder(folder, feeds: dict[str, np.ndarray], output: str) -> dict[str, np.ndarray]:
+    """The PyTorch model in `folder` run on the arrays an export of it takes: the export's reference."""
+    torch = _torch()
+    model, _ = _load_hf_folder(folder)
+    names = [n for n in ("pixel_values", "input_ids", "attention_mask", "token_type_ids") if n in feeds]
+    with torch.no_grad(), _quiet():
+        result = _wrap(model, names, output)(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names))
+    return {output: result.numpy()}
 
 
 def export_model_by_config(config, path, *, exporter: str, seed: int = 0, batch: int = 2, seq_len: int = 16,
