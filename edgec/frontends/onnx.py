@@ -29,7 +29,14 @@ def load_onnx(path: str | os.PathLike, *, opset: int = CANONICAL_OPSET) -> ir.Mo
 
 def normalize_opset(model: ir.Model, opset: int = CANONICAL_OPSET, *, source: str = "model") -> bool:
     """Converts the default domain to `opset` in place; returns whether anything changed."""
-    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if "ai.onnx" in model.opset_imports:
+        # "ai.onnx" is another spelling of the default domain; passes match on "" only.
+        version = model.opset_imports.pop("ai.onnx")
+        model.opset_imports.setdefault("", version)
+        for node in model.graph.all_nodes():
+            if node.domain == "ai.onnx":
+                node.domain = ""
+    current = model.opset_imports.get("")
     if current is None:
         raise UserError(f"{source} imports no default ONNX opset", "re-export it with a standard ONNX exporter")
     if current == opset:
