@@ -38,7 +38,7 @@ class Registry(Generic[T]):
         if name in self._items:
             raise DuplicateNameError(
                 f"{self.kind} name {name!r} from {origin} is already registered by {self._origin[name]}",
-                f"rename one of them",
+                "rename one of them",
             )
         self._items[name] = item
         self._origin[name] = origin

@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edgec import ir as eir  # noqa: E402
 from edgec.compiler import CompileOptions, compile_model  # noqa: E402
 from edgec.frontends.torch import EXPORTERS  # noqa: E402
 from edgec.verify import ort_session  # noqa: E402
