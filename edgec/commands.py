@@ -145,6 +145,7 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
             "flops": cost.flops,
             "flops_bindings": cost.bindings,
         }
+        info.update(_attention_info(model))
         if target is not None:
             from edgec.targets.cost import estimate_node_seconds
 
@@ -162,6 +163,44 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _attention_info(model) -> dict:
+    """The attention blocks edgec recognises (on a cleaned-up copy, as the compiler sees the model),
+    each proven by execution, and every Softmax it could not recognise with the reason."""
+    from edgec.analysis.attention import find_attention, verify_blocks
+    from edgec.passes.manager import run_pipeline
+
+    cleaned = eir.clone(model)
+    run_pipeline(cleaned, "cleanup")
+    found = find_attention(cleaned)
+    verify_blocks(cleaned, found.blocks)
+    return {
+        "attention": [
+            {"layer": b.layer, "heads": b.heads, "kv_heads": b.kv_heads, "head_dim": b.head_dim, "mask": b.mask,
+             "scale": b.scale, "rotary": b.rotary, "verified": b.verified, "nodes": b.nodes}
+            for b in found.blocks
+        ],
+        "unrecognised_softmax": [{"node": node, "reason": reason} for node, reason in found.unrecognised],
+    }
+
+
+def _print_attention(info: dict, console) -> None:
+    if info["attention"]:
+        table = Table(title=f"attention ({len(info['attention'])} blocks)", show_edge=False)
+        for col in ("layer", "heads", "kv heads", "head dim", "mask", "scale", "rotary", "verified", "nodes"):
+            table.add_column(col, justify="left" if col in ("mask", "rotary", "verified") else "right")
+        for b in info["attention"]:
+            table.add_row(str(b["layer"]), str(b["heads"]), str(b["kv_heads"]), str(b["head_dim"]), b["mask"], f"{b['scale']:.4g}",
+                          "yes" if b["rotary"] else "no", "yes" if b["verified"] else "no", str(len(b["nodes"])))
+        console.print(table)
+    if info["unrecognised_softmax"]:
+        table = Table(title="softmax not recognised as attention", show_edge=False)
+        table.add_column("node")
+        table.add_column("why")
+        for miss in info["unrecognised_softmax"]:
+            table.add_row(miss["node"], miss["reason"])
+        console.print(table)
 
 
 def cmd_inspect(args) -> int:
@@ -190,6 +229,7 @@ def cmd_inspect(args) -> int:
         f"parameters {info['parameters']:,} ({_fmt_bytes(info['parameter_bytes'])}), file {_fmt_bytes(info['file_bytes'])}, "
         f"~{info['flops'] / 1e9:.2f} GFLOPs per run (estimate at batch={b['batch']}, other dynamic dims={b['*']})"
     )
+    _print_attention(info, console)
     if "target" in info:
         t = info["target"]
         if t["unsupported_ops"]:
