@@ -145,7 +145,7 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
             "flops": cost.flops,
             "flops_bindings": cost.bindings,
         }
-        info.update(_attention_info(model))
+        info.update(_structure_info(model))
         if target is not None:
             from edgec.targets.cost import estimate_node_seconds
 
@@ -165,10 +165,12 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
             tmp.cleanup()
 
 
-def _attention_info(model) -> dict:
-    """The attention blocks edgec recognises (on a cleaned-up copy, as the compiler sees the model),
-    each proven by execution, and every Softmax it could not recognise with the reason."""
+def _structure_info(model) -> dict:
+    """The attention blocks, norms and feed-forward blocks edgec recognises (on one cleaned-up copy, as
+    the compiler sees the model), each attention proven by execution, and every Softmax it could not
+    recognise with the reason."""
     from edgec.analysis.attention import find_attention, verify_blocks
+    from edgec.analysis.structure import find_feed_forward, find_norms
     from edgec.passes.manager import run_pipeline
 
     cleaned = eir.clone(model)
@@ -182,7 +184,21 @@ def _attention_info(model) -> dict:
             for b in found.blocks
         ],
         "unrecognised_softmax": [{"node": node, "reason": reason} for node, reason in found.unrecognised],
+        "norms": [{"kind": n.kind, "form": n.form, "epsilon": n.epsilon, "nodes": n.nodes} for n in find_norms(cleaned)],
+        "ffn": [{"intermediate": f.intermediate, "activation": f.activation, "gated": f.gated, "nodes": f.nodes}
+                for f in find_feed_forward(cleaned)],
     }
+
+
+def _print_structure(info: dict, console) -> None:
+    from collections import Counter
+
+    if info["norms"]:
+        kinds = Counter(f"{n['kind']} ({n['form']}, eps {n['epsilon']:.3g})" for n in info["norms"])
+        console.print(f"norms: {len(info['norms'])} = " + ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
+    if info["ffn"]:
+        kinds = Counter(f"{'gated ' if f['gated'] else ''}{f['activation']}, intermediate {f['intermediate']}" for f in info["ffn"])
+        console.print(f"feed-forward blocks: {len(info['ffn'])} = " + ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
 
 
 def _print_attention(info: dict, console) -> None:
@@ -230,6 +246,7 @@ def cmd_inspect(args) -> int:
         f"~{info['flops'] / 1e9:.2f} GFLOPs per run (estimate at batch={b['batch']}, other dynamic dims={b['*']})"
     )
     _print_attention(info, console)
+    _print_structure(info, console)
     if "target" in info:
         t = info["target"]
         if t["unsupported_ops"]:

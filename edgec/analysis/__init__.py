@@ -48,4 +48,4 @@ class AnalysisCache:
 
 
 def _load_builtin_analyses() -> None:
-    from edgec.analysis import attention, cost, shapes  # noqa: F401  (registration on import)
+    from edgec.analysis import attention, cost, shapes, structure  # noqa: F401  (registration on import)

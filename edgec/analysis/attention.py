@@ -516,13 +516,17 @@ def block_inputs(block: AttentionBlock) -> list[str]:
 
 
 def _block_nodes(model: ir.Model, block: AttentionBlock) -> tuple[list[ir.Node], list[str]]:
-    """The nodes computing the block's output from its inputs, in graph order, and any other value
-    (not a constant) they read from outside the block."""
+    return nodes_between(model, block_inputs(block), block.output)
+
+
+def nodes_between(model: ir.Model, inputs: list[str], output: str) -> tuple[list[ir.Node], list[str]]:
+    """The nodes computing `output` from `inputs`, in graph order, and any other value (not a constant)
+    they read from outside."""
     values = _values_by_name(model)
-    stop = set(block_inputs(block))
+    stop = set(inputs)
     chosen: dict[int, ir.Node] = {}
     outside: list[str] = []
-    stack = [values[block.output]]
+    stack = [values[output]]
     seen: set[int] = set()
     while stack:
         value = stack.pop()
@@ -629,11 +633,16 @@ def _subgraph_inputs(model: ir.Model, block: AttentionBlock) -> list[str]:
 
 def block_subgraph(model: ir.Model, block: AttentionBlock):
     """The original nodes of the block as a standalone onnx model whose inputs are the block's inputs."""
+    return extract_subgraph(model, _subgraph_inputs(model, block), block.output, "attention_block")
+
+
+def extract_subgraph(model: ir.Model, inputs: list[str], output: str, name: str = "subgraph"):
+    """The original nodes computing `output` from `inputs` as a standalone onnx model."""
     import onnx
 
     from edgec import ir as eir
 
-    nodes, _ = _block_nodes(model, block)
+    nodes, _ = nodes_between(model, inputs, output)
     values = _values_by_name(model)
     proto = eir.to_proto(model)
     index = {id(n): i for i, n in enumerate(model.graph)}
@@ -641,13 +650,13 @@ def block_subgraph(model: ir.Model, block: AttentionBlock):
     produced = {o for n in chosen for o in n.output}
     read = {i for n in chosen for i in n.input if i}
     initializers = [t for t in proto.graph.initializer if t.name in read and t.name not in produced]
-    inputs = []
-    for name in _subgraph_inputs(model, block):
-        value = values[name]
+    graph_inputs = []
+    for input_name in inputs:
+        value = values[input_name]
         dims = [d if isinstance(d, int) else (getattr(d, "value", None) or f"d{i}") for i, d in enumerate(value.shape)]
-        inputs.append(onnx.helper.make_tensor_value_info(name, int(value.dtype.value), dims))
-    output = onnx.helper.make_tensor_value_info(block.output, int(values[block.output].dtype.value), None)
-    graph = onnx.helper.make_graph(chosen, "attention_block", inputs, [output], initializers)
+        graph_inputs.append(onnx.helper.make_tensor_value_info(input_name, int(value.dtype.value), dims))
+    result = onnx.helper.make_tensor_value_info(output, int(values[output].dtype.value), None)
+    graph = onnx.helper.make_graph(chosen, name, graph_inputs, [result], initializers)
     return onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
 
 
@@ -672,17 +681,23 @@ def block_feeds(model: ir.Model, block: AttentionBlock, rng: np.random.Generator
     return feeds
 
 
-def _run_block(model: ir.Model, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(the original subgraph's output from onnxruntime, canonical_attention's) on the same random feeds."""
+def run_subgraph(subgraph, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One output of an onnx model from onnxruntime on CPU, with its graph optimizations off so that
+    the original nodes are what runs."""
     import onnxruntime as ort
 
-    subgraph = block_subgraph(model, block)
-    feeds = block_feeds(model, block, rng)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(subgraph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    (actual,) = session.run([block.output], feeds)
+    (result,) = session.run([output], feeds)
+    return result
+
+
+def _run_block(model: ir.Model, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(the original subgraph's output from onnxruntime, canonical_attention's) on the same random feeds."""
+    feeds = block_feeds(model, block, rng)
+    actual = run_subgraph(block_subgraph(model, block), feeds, block.output)
     expected = canonical_attention(block, _values_by_name(model), feeds)
     if actual.size != expected.size:
         raise ValueError(f"block {block.layer}: the subgraph gives {actual.shape}, the canonical block {expected.shape}")
