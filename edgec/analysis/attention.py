@@ -548,10 +548,9 @@ def nodes_between(model: ir.Model, inputs: list[str], output: str) -> tuple[list
 
 @analysis("attention")
 def find_attention(model: ir.Model) -> AttentionAnalysis:
-    from edgec.analysis.shapes import infer_shapes
+    from edgec.analysis.shapes import ensure_shapes
 
-    if any(v.shape is None for n in model.graph for v in n.outputs):
-        infer_shapes(model)
+    ensure_shapes(model)
     blocks: list[AttentionBlock] = []
     unrecognised: list[tuple[str, str]] = []
     for node in model.graph.all_nodes():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from edgec.analysis import analysis
-from edgec.analysis.shapes import infer_shapes
+from edgec.analysis.shapes import ensure_shapes
 
 DEFAULT_BINDINGS = {"batch": 1, "*": 128}
 
@@ -110,8 +110,7 @@ def node_bytes(node: ir.Node, bindings: dict[str, int]) -> float:
 
 def model_cost(model: ir.Model, bindings: dict[str, int] | None = None) -> ModelCost:
     bindings = {**DEFAULT_BINDINGS, **(bindings or {})}
-    if any(v.shape is None for n in model.graph for v in n.outputs):
-        infer_shapes(model)
+    ensure_shapes(model)
     cost = ModelCost(bindings=bindings)
     for init in model.graph.initializers.values():
         if init.const_value is not None:

@@ -89,6 +89,13 @@ def _as_dim(d):
     return d if isinstance(d, int) else ir.SymbolicDim(d)
 
 
+def ensure_shapes(model: ir.Model) -> ir.Model:
+    """Infers shapes unless every node output already has one (analyses call this before reading shapes)."""
+    if any(v.shape is None for n in model.graph for v in n.outputs):
+        infer_shapes(model)
+    return model
+
+
 def _values(model: ir.Model):
     graph = model.graph
     yield from graph.inputs

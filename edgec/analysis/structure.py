@@ -318,10 +318,9 @@ def _decomposed_norm(variance: ir.Node) -> tuple[Norm, list[ir.Node]]:
 
 @analysis("norms")
 def find_norms(model: ir.Model) -> NormAnalysis:
-    from edgec.analysis.shapes import infer_shapes
+    from edgec.analysis.shapes import ensure_shapes
 
-    if any(v.shape is None for n in model.graph for v in n.outputs):
-        infer_shapes(model)
+    ensure_shapes(model)
     norms: list[Norm] = []
     unrecognised: list[tuple[str, str]] = []
     for node in model.graph:
@@ -440,10 +439,9 @@ def _feed_forward(model: ir.Model, activation: Activation, values: dict[str, ir.
 
 @analysis("ffn")
 def find_feed_forward(model: ir.Model) -> list[FeedForward]:
-    from edgec.analysis.shapes import infer_shapes
+    from edgec.analysis.shapes import ensure_shapes
 
-    if any(v.shape is None for n in model.graph for v in n.outputs):
-        infer_shapes(model)
+    ensure_shapes(model)
     values = _values_by_name(model)
     blocks = []
     for activation in find_activations(model):
