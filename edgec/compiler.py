@@ -173,7 +173,8 @@ def compile_model(
     model, onnx_path, export_tmp = load_source(source, exporter=options.exporter)
     try:
         original_nodes = eir.node_count(model)
-        original_bytes = eir.file_bytes(onnx_path)
+        # The source's files were listed for the output check; an export's are listed now.
+        original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
         if options.inputs is not None:
             feeds = load_inputs(options.inputs, model)
             inputs_source = str(options.inputs)
