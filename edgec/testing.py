@@ -10,6 +10,18 @@ from edgec import ir as eir
 from edgec.passes.core import Pass, PassContext, PassResult
 
 
+OPSET_HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
+
+
+def graph(signature: str, body: str, inits: str = "", *, header: str = OPSET_HEADER, functions: str = "") -> ir.Model:
+    """A model from its pieces in ONNX text: `graph("g (float[N] x) => (float[N] y)", "y = Relu(x)")`."""
+    return parse(header + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}\n" + functions)
+
+
+def output_names(model: ir.Model) -> list[str]:
+    return [v.name for v in model.graph.outputs]
+
+
 def parse(text: str) -> ir.Model:
     """A model from ONNX textual syntax (`<ir_version: 10, opset_import: ["" : 20]> g (float[N,4] x) => (...) {...}`)."""
     return ir.from_proto(onnx.parser.parse_model(text))

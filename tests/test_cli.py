@@ -1,7 +1,6 @@
 """`edgec` as a user runs it: bad input gives one line and exit 2, nothing is lost or half-written."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -76,7 +75,7 @@ def test_compile_with_user_inputs(model_file, tmp_path):
 
 
 class _NegateRelu(Pass):
-    """A pass with a bug (Relu becomes Neg), to prove verification catches one."""
+    """A pass with a bug (Mul becomes Sub), to prove verification catches one."""
 
     name = "test-negate-relu"
 

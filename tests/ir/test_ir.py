@@ -1,7 +1,5 @@
 """The IR layer: loading bad files, atomic saves, external data, invariants, clone, graph-surgeon interop."""
 
-import os
-
 import numpy as np
 import onnx
 import onnx_ir as ir

@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from edgec.errors import UserError

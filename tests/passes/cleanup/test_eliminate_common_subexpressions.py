@@ -1,17 +1,14 @@
 import numpy as np
-import onnx_ir as ir
 
 import realistic
 from edgec.passes.cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressionsPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import check_pass, parse
+from edgec.testing import check_pass, graph
 
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
 SIG = "g (float[N,2] x, float[N,2] z) => (float[N,2] y)"
 
 
-def model(signature: str, body: str, inits: str = "") -> ir.Model:
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
+model = graph
 
 
 # --- golden ----------------------------------------------------------------------------------

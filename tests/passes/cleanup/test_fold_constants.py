@@ -4,13 +4,11 @@ import onnx_ir as ir
 import realistic
 from edgec.passes.cleanup.fold_constants import FoldConstantsPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import check_pass, parse, run_pass
-
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
+from edgec.testing import check_pass, graph, run_pass
 
 
-def model(signature: str, body: str, inits: str = "") -> ir.Model:
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
+
+model = graph
 
 
 # --- golden ----------------------------------------------------------------------------------

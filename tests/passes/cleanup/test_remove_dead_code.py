@@ -1,18 +1,15 @@
 import numpy as np
-import onnx_ir as ir
 
 import realistic
 from edgec.passes.cleanup.remove_dead_code import RemoveDeadCodePass
 from edgec.passes.core import DebugCounter, PassContext
 from edgec import ir as eir
-from edgec.testing import assert_numerically_equal, check_pass, parse, run_pass
+from edgec.testing import assert_numerically_equal, check_pass, graph, run_pass
 
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
 SIG = "g (float[N,2] x) => (float[N,2] y)"
 
 
-def model(signature: str, body: str, inits: str = "", header: str = HEADER, functions: str = "") -> ir.Model:
-    return parse(header + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}\n" + functions)
+model = graph
 
 
 # --- golden ----------------------------------------------------------------------------------

@@ -5,17 +5,12 @@ import realistic_dynamo as realistic
 from edgec import ir as eir
 from edgec.passes.cleanup.remove_identity import RemoveIdentityPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import assert_numerically_equal, check_pass, parse, run_pass
-
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
+from edgec.testing import assert_numerically_equal, check_pass, graph, output_names, run_pass
 
 
-def model(signature: str, body: str, inits: str = ""):
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
 
+model = graph
 
-def output_names(m):
-    return [v.name for v in m.graph.outputs]
 
 
 # --- golden ----------------------------------------------------------------------------------

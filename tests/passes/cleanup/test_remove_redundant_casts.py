@@ -4,19 +4,14 @@ import realistic_dynamo as realistic
 from edgec import ir as eir
 from edgec.passes.cleanup.remove_redundant_casts import RemoveRedundantCastsPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import check_pass, parse, run_pass
+from edgec.testing import check_pass, graph, output_names, run_pass
 
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
 # onnx.TensorProto data types, as Cast's `to` spells them
 FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE = 1, 2, 3, 4, 5, 6, 7, 9, 10, 11
 
 
-def model(signature: str, body: str, inits: str = ""):
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
+model = graph
 
-
-def output_names(m):
-    return [v.name for v in m.graph.outputs]
 
 
 # --- golden ----------------------------------------------------------------------------------

@@ -4,17 +4,12 @@ import realistic_dynamo as realistic
 from edgec import ir as eir
 from edgec.passes.cleanup.remove_redundant_transposes import RemoveRedundantTransposesPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import check_pass, parse, run_pass
-
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
+from edgec.testing import check_pass, graph, output_names, run_pass
 
 
-def model(signature: str, body: str, inits: str = ""):
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
 
+model = graph
 
-def output_names(m):
-    return [v.name for v in m.graph.outputs]
 
 
 # --- golden ----------------------------------------------------------------------------------

@@ -4,15 +4,14 @@ import pytest
 import realistic
 from edgec.passes.cleanup.simplify_shapes import SimplifyShapesPass
 from edgec.passes.core import DebugCounter, PassContext
-from edgec.testing import check_pass, parse
+from edgec.testing import check_pass, graph
 
-HEADER = '<ir_version: 10, opset_import: ["" : 20]>\n'
 # Index and axes constants as TorchScript exports spell them.
 CONSTS = "int64 i0 = {0}, int64 i1 = {1}, int64 i2 = {2}, int64[1] ax0 = {0}, int64[1] m1 = {-1}, int64[1] c16 = {16}"
 
 
 def model(signature: str, body: str, inits: str = CONSTS) -> ir.Model:
-    return parse(HEADER + signature + (f"\n<{inits}>" if inits else "") + "\n{\n" + body + "\n}")
+    return graph(signature, body, inits)
 
 
 # --- golden ----------------------------------------------------------------------------------
