@@ -21,7 +21,7 @@ from edgec.passes.registry import MAX_FIXPOINT_ROUNDS
 from edgec.report import write_json
 from edgec.sources import load_source
 from edgec.targets import Target, get_target
-from edgec.verify import check_tolerance, compare, generate_inputs, load_inputs, parse_tolerance, run_model
+from edgec.verify import check_tolerance, compare, generate_inputs, load_inputs, ort_session, parse_tolerance, run_model, run_session
 
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # What this build can emit. The rest are accepted by the parser and refused with a clear reason.
@@ -185,12 +185,23 @@ def compile_model(
 
         step("running the original model")
         try:
-            reference = run_model(onnx_path, feeds)
+            original = ort_session(onnx_path)
+            reference = run_session(original, feeds)
         except Exception as exc:  # onnxruntime rejects the model or these inputs: nothing to compile against
             raise UserError(
                 f"the original model does not run in onnxruntime on these inputs ({_first_line(exc)})",
                 "check the model and --inputs (token ids inside the vocabulary, shapes the model accepts)",
             ) from None
+        # Shape rewrites must hold for every size, not just the one verified: the original runs at a
+        # second shape now, so its session is released before the passes run.
+        alt = alt_reference = alt_skipped = None
+        if backend.dynamic_shapes and _has_dynamic_dims(model):
+            alt = generate_inputs(model, batch=3, sequence=11, image=160, seed=1)
+            try:
+                alt_reference = run_session(original, alt)
+            except Exception as exc:  # the original itself cannot take this shape: nothing to compare
+                alt_skipped = f"the original model does not run at these shapes ({_first_line(exc)})"
+        del original
         export_check = None
         if source_path.is_dir():
             # The user's original is the PyTorch model: the export must compute what it computes.
@@ -244,15 +255,11 @@ def compile_model(
             if export_check is not None:
                 failures += [f"the ONNX export differs from PyTorch: {f}" for f in check_tolerance(export_check, tolerance)]
             second_shape = None
-            if runtime_note is None and backend.dynamic_shapes and _has_dynamic_dims(model):
-                # Shape rewrites must hold for every size, not just the one verified above.
+            if runtime_note is None and alt is not None:
                 step("verifying at a second input shape")
-                alt = generate_inputs(model, batch=3, sequence=11, image=160, seed=1)
                 second_shape = {"shapes": {k: list(v.shape) for k, v in alt.items()}}
-                try:
-                    alt_reference = run_model(onnx_path, alt)
-                except Exception as exc:  # the original itself cannot take this shape: nothing to compare
-                    second_shape["skipped"] = f"the original model does not run at these shapes ({_first_line(exc)})"
+                if alt_skipped:
+                    second_shape["skipped"] = alt_skipped
                 else:
                     try:
                         second_shape.update(compare(alt_reference, backend.run(artifact, alt)))

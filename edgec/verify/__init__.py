@@ -45,7 +45,11 @@ def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, t
 
 def run_model(model: ir.Model | str | os.PathLike, feeds: Mapping[str, np.ndarray], *, optimize: bool = True) -> dict[str, np.ndarray]:
     """Runs a model in onnxruntime (CPU) and returns its outputs by name."""
-    session = ort_session(model, optimize=optimize)
+    return run_session(ort_session(model, optimize=optimize), feeds)
+
+
+def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Runs an open onnxruntime session on the feeds it takes (extra arrays are ignored)."""
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
@@ -139,4 +143,4 @@ def parse_tolerance(text: str | None, precision: str) -> dict[str, float]:
 
 from edgec.verify.inputs import generate_inputs, load_inputs  # noqa: E402  (re-export)
 
-__all__ = ["TOLERANCES", "check_tolerance", "compare", "generate_inputs", "load_inputs", "ort_session", "parse_tolerance", "run_model"]
+__all__ = ["TOLERANCES", "check_tolerance", "compare", "generate_inputs", "load_inputs", "ort_session", "parse_tolerance", "run_model", "run_session"]
