@@ -117,7 +117,7 @@ def choose_backend(target: Target, requested: str | None, notes: list[str]) -> B
     )
 
 
-def check_precision(precision: str, target: Target, backend: Backend, calib: Path | None) -> None:
+def check_precision(precision: str, target: Target, backend: Backend, calib: Path | None, approximate: list[str] = ()) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
     if precision not in IMPLEMENTED_PRECISIONS:
@@ -133,8 +133,11 @@ def check_precision(precision: str, target: Target, backend: Backend, calib: Pat
         raise UserError(
             f"backend {backend.name} cannot emit {precision}", f"choose one of: {', '.join(backend.precisions)}"
         )
-    if calib is not None and precision not in ("int8", "mixed"):
-        raise UserError("--calib is only used to quantize", "drop --calib, or compile with --precision int8 or mixed")
+    if calib is not None and precision not in ("int8", "mixed") and not approximate:
+        raise UserError(
+            "--calib is only used to quantize or to measure approximate passes",
+            "drop --calib, or compile with --precision int8 or mixed",
+        )
 
 
 def compile_model(
@@ -153,14 +156,18 @@ def compile_model(
     target = get_target(options.target)
     notes: list[str] = []
     backend = choose_backend(target, options.backend, notes)
-    check_precision(options.precision, target, backend, options.calib)
-    tolerance = parse_tolerance(options.tolerance, options.precision)
     counter = DebugCounter.parse(options.debug_counter)
     pipeline_text = options.pipeline if options.pipeline is not None else target.default_pipeline
     lowering = backend.lowering_pipeline(target, options.precision)
     full_pipeline = ",".join(p for p in (pipeline_text, lowering) if p)
     manager = PassManager(full_pipeline or [], PassContext())  # parse now: unknown passes fail early
     manager.check_counter(counter)
+    # Approximate passes are measured on calibration data when there is some: that is the data the
+    # user says the model will see, and the accuracy budget (--tolerance) is checked on it.
+    approximate = list(dict.fromkeys(p.spec() for p in manager.passes() if p.approximate))
+    check_precision(options.precision, target, backend, options.calib, approximate)
+    tolerance = parse_tolerance(options.tolerance, options.precision)
+    verify_data = options.calib if approximate and options.calib is not None else options.inputs
     if options.dump_ir is not None:
         _check_writable_folder(Path(options.dump_ir), "--dump-ir folder")
     source_path = Path(source)
@@ -175,9 +182,9 @@ def compile_model(
         original_nodes = eir.node_count(model)
         # The source's files were listed for the output check; an export's are listed now.
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
-        if options.inputs is not None:
-            feeds = load_inputs(options.inputs, model)
-            inputs_source = str(options.inputs)
+        if verify_data is not None:
+            feeds = load_inputs(verify_data, model)
+            inputs_source = str(verify_data)
         else:
             feeds = generate_inputs(model)
             inputs_source = "generated"
@@ -252,6 +259,8 @@ def compile_model(
                 verified_in = "onnxruntime (final IR; artifact runtime unavailable here)"
             figures = compare(reference, outputs)
             failures = check_tolerance(figures, tolerance)
+            if approximate and failures:
+                failures = [f"{', '.join(approximate)} breaks the accuracy budget on {inputs_source} data: {f}" for f in failures]
             if export_check is not None:
                 failures += [f"the ONNX export differs from PyTorch: {f}" for f in check_tolerance(export_check, tolerance)]
             second_shape = None
@@ -295,6 +304,7 @@ def compile_model(
         "verification": {
             **figures,
             "inputs": inputs_source,
+            "approximate_passes": approximate,
             "verified_in": verified_in,
             "runtime_note": runtime_note,
             "tolerance": tolerance,

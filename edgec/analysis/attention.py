@@ -22,6 +22,8 @@ from edgec.ir.constants import MAX_CONSTANT_ELEMENTS, constant_array, constant_i
 _PASS_THROUGH = ("Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity", "Expand", "Flatten", "Tile")
 _COMPARISONS = ("Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 _MAX_STEPS = 64
+# A score filled with at most this much is masked out: exp(-1e4) is 0 in every float type.
+_MASKED_SCORE = -1e4
 
 
 @dataclass
@@ -314,6 +316,8 @@ def _scores(softmax: ir.Node):
                 raise _Miss("the scores are masked twice")
             cond, a, b = node.inputs
             if _scalar(b) is not None and _leads_to_qk(a):
+                if _scalar(b) > _MASKED_SCORE:
+                    raise _Miss(f"Where {_name(node)} fills masked scores with {_scalar(b):g}, which does not mask them")
                 value = a
             elif _scalar(a) is not None and _leads_to_qk(b):
                 raise _Miss(f"Where {_name(node)} keeps the scores where its mask is false (not supported yet)")
@@ -636,19 +640,21 @@ def block_subgraph(model: ir.Model, block: AttentionBlock):
 
 
 def extract_subgraph(model: ir.Model, inputs: list[str], output: str, name: str = "subgraph"):
-    """The original nodes computing `output` from `inputs` as a standalone onnx model."""
+    """The original nodes computing `output` from `inputs` as a standalone onnx model. Only those nodes
+    and the constants they read are serialised, not the whole model."""
     import onnx
-
-    from edgec import ir as eir
 
     nodes, _ = nodes_between(model, inputs, output)
     values = _values_by_name(model)
-    proto = eir.to_proto(model)
-    index = {id(n): i for i, n in enumerate(model.graph)}
-    chosen = [proto.graph.node[index[id(n)]] for n in nodes]
+    chosen = [ir.serde.serialize_node(n) for n in nodes]
     produced = {o for n in chosen for o in n.output}
-    read = {i for n in chosen for i in n.input if i}
-    initializers = [t for t in proto.graph.initializer if t.name in read and t.name not in produced]
+    read = list(dict.fromkeys(i for n in chosen for i in n.input if i and i not in produced))
+    initializers = []
+    for r in read:
+        if r in values and values[r].is_initializer() and values[r].const_value is not None:
+            tensor = ir.serde.serialize_tensor(values[r].const_value)
+            tensor.name = r  # the tensor may carry an older name than its value
+            initializers.append(tensor)
     graph_inputs = []
     for input_name in inputs:
         value = values[input_name]
@@ -656,11 +662,12 @@ def extract_subgraph(model: ir.Model, inputs: list[str], output: str, name: str 
         graph_inputs.append(onnx.helper.make_tensor_value_info(input_name, int(value.dtype.value), dims))
     result = onnx.helper.make_tensor_value_info(output, int(values[output].dtype.value), None)
     graph = onnx.helper.make_graph(chosen, name, graph_inputs, [result], initializers)
-    return onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
 
 
 def block_feeds(model: ir.Model, block: AttentionBlock, rng: np.random.Generator, *, batch: int = 2, sequence: int = 5) -> dict[str, np.ndarray]:
-    """Random hidden states, rotary tables of random angles, and a mask that masks nothing."""
+    """Random hidden states, rotary tables of random angles, and a random mask."""
     values = _values_by_name(model)
     feeds = {}
     for name in _subgraph_inputs(model, block):
@@ -668,7 +675,7 @@ def block_feeds(model: ir.Model, block: AttentionBlock, rng: np.random.Generator
         shape = _bind(value.shape, batch, sequence)
         dtype = value.dtype.numpy()
         if name == block.mask_value:
-            feeds[name] = np.ones(shape, dtype) if block.mask_form == "boolean" else np.zeros(shape, dtype)
+            feeds[name] = _random_mask(rng, shape, dtype, block.mask_form)
         elif name == block.rotary_cos:
             angles = rng.uniform(-math.pi, math.pi, shape)
             feeds[name] = np.cos(angles).astype(dtype)
@@ -678,6 +685,16 @@ def block_feeds(model: ir.Model, block: AttentionBlock, rng: np.random.Generator
         elif name != block.rotary_sin:  # a model input the block reads only the size of
             feeds[name] = np.zeros(shape, dtype)
     return feeds
+
+
+def _random_mask(rng: np.random.Generator, shape: tuple[int, ...], dtype, form: str | None) -> np.ndarray:
+    """A mask that hides about a third of the keys, never the first: the proof then checks what the
+    block does with a mask, not only that it runs."""
+    keep = rng.random(shape) >= 1 / 3
+    keep[..., 0] = True
+    if form == "boolean":
+        return keep.astype(dtype)
+    return np.where(keep, 0.0, np.finfo(dtype).min if np.issubdtype(dtype, np.floating) else -1e9).astype(dtype)
 
 
 def run_subgraph(subgraph, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:

@@ -23,6 +23,7 @@ def load_onnx(path: str | os.PathLike, *, opset: int = CANONICAL_OPSET) -> ir.Mo
     model = eir.load(path)
     model.meta[ORIGINAL_OPSET_KEY] = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     normalize_opset(model, opset, source=str(path))
+    eir.name_nodes(model)
     infer_shapes(model)
     return model
 

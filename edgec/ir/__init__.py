@@ -146,6 +146,19 @@ def clone(model: ir.Model) -> ir.Model:
     return model.clone()
 
 
+def name_nodes(model: ir.Model) -> bool:
+    """Gives every unnamed node (and value) a unique name; returns whether any was unnamed.
+
+    Analyses record nodes by name (their records are data a user can read), so a model whose nodes
+    have no names (hand-written ones often do not) gets them before anything is recorded."""
+    if all(node.name for node in model.graph.all_nodes()):
+        return False
+    from onnx_ir.passes.common import NameFixPass
+
+    NameFixPass()(model)
+    return True
+
+
 def node_count(model: ir.Model) -> int:
     return sum(1 for _ in model.graph.all_nodes())
 

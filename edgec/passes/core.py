@@ -90,6 +90,9 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()
+    # True for a pass that changes what the model computes on purpose (sliding-window attention, say):
+    # a compile that runs one measures the error on calibration data and refuses what breaks the budget.
+    approximate: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is None:

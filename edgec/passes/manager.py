@@ -57,6 +57,18 @@ class PassManager:
         self.items = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
         self.ctx = ctx or PassContext()
 
+    def passes(self) -> list[Pass]:
+        """Every pass of the pipeline, fixpoint groups opened, in order."""
+        found: list[Pass] = []
+        stack = list(reversed(self.items))
+        while stack:
+            item = stack.pop()
+            if isinstance(item, FixPoint):
+                stack.extend(reversed(item.items))
+            else:
+                found.append(item)
+        return found
+
     @property
     def text(self) -> str:
         return format_pipeline(self.items)

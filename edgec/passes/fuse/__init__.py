@@ -1,0 +1,8 @@
+"""Fusion and lowering passes: subgraphs recognised by the structure analyses become the single ops
+(or the clean forms) a runtime runs best. Which of them run is chosen per backend, by its lowering
+pipeline, never baked into the IR."""
+
+from edgec.passes.fuse.lower_attention import LowerAttentionPass
+from edgec.passes.fuse.pack_qkv import PackQkvPass
+
+PASSES = [LowerAttentionPass, PackQkvPass]
