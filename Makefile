@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-fusion bench-attention clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_compile.py
+
+# edgec's x86-64 compile against onnxruntime's own transformer optimizer, on both MiniLM exports.
+bench-fusion: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_fusion.py
+
+# Cost curve and error of sliding-window and linear attention at 128-2048 tokens.
+bench-attention: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_attention.py
 
 clean:
 	rm -rf $(OUT) .cache

@@ -90,8 +90,9 @@ def _as_dim(d):
 
 
 def ensure_shapes(model: ir.Model) -> ir.Model:
-    """Infers shapes unless every node output already has one (analyses call this before reading shapes)."""
-    if any(v.shape is None for n in model.graph for v in n.outputs):
+    """Infers shapes unless every node output already has one (analyses call this before reading shapes).
+    An optional output left out (named "") has no shape to infer."""
+    if any(v.shape is None and v.name for n in model.graph for v in n.outputs):
         infer_shapes(model)
     return model
 

@@ -53,9 +53,19 @@ class Backend:
     def supports(self, target) -> bool:
         return self.name in target.backends
 
+    # How attention reaches this backend's runtime: a `lower-attention` form ("decomposed" for
+    # runtimes that fuse MatMul/Softmax/MatMul themselves or run them as such: TFLite, TensorRT;
+    # "onnxruntime" for onnxruntime's fused operators), or None to leave blocks as exported.
+    attention_form: ClassVar[str | None] = None
+    # Fusions into ops this backend's runtime has, run after attention is lowered.
+    fusions: ClassVar[tuple[str, ...]] = ()
+
     def lowering_pipeline(self, target, precision: str) -> str:
-        """Passes that put the IR into the form this backend's runtime runs best (may be empty)."""
-        return ""
+        """Passes that put the IR into the form this backend's runtime runs best (may be empty):
+        attention in `attention_form`, then `fusions`, then cleanup of what they left."""
+        items = [f"lower-attention{{form={self.attention_form}}}"] if self.attention_form else []
+        items += self.fusions
+        return ",".join([*items, "cleanup"]) if items else ""
 
     def artifact_names(self, stem: str = "model") -> tuple[str, ...]:
         """Every file or folder name `emit` may write into the output folder."""

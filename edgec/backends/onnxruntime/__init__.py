@@ -17,6 +17,20 @@ class OnnxRuntimeBackend(Backend):
     description = "optimized ONNX for onnxruntime"
     precisions = ("fp32",)
 
+    attention_form = "decomposed"
+    fusions = ("fuse-layer-norm", "fuse-gelu")
+    # onnxruntime's CPU kernels for its contrib ops: one fused attention (packed QKV GEMM), residual
+    # add + norm, bias + GELU. Execution providers for accelerators (QNN, Core ML, NNAPI, TensorRT)
+    # take standard ONNX only, so targets with such units get the standard forms above.
+    cpu_attention_form = "onnxruntime"
+    cpu_fusions = ("fuse-layer-norm", "fuse-gelu", "fuse-skip-norm", "fuse-bias-gelu")
+
+    def lowering_pipeline(self, target, precision: str) -> str:
+        if all(unit.kind == "cpu" for unit in target.units):
+            items = [f"lower-attention{{form={self.cpu_attention_form}}}", *self.cpu_fusions]
+            return ",".join([*items, "cleanup"])
+        return super().lowering_pipeline(target, precision)
+
     def unavailable_reason(self) -> str | None:
         try:
             import onnxruntime  # noqa: F401

@@ -1,0 +1,202 @@
+import functools
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import zoo
+
+from edgec import ir as eir
+from edgec.frontends.onnx import load_onnx
+from edgec.passes.core import DebugCounter, PassContext
+from edgec.passes.fuse.fuse_layer_norm import FuseLayerNormPass
+from edgec.passes.manager import PassManager
+from edgec.testing import assert_numerically_equal, check_pass, graph, output_names, run_pass
+from edgec.verify import generate_inputs
+
+W = 8
+GAMMA = ", ".join(f"{0.5 + i / 10}" for i in range(W))
+BETA = ", ".join(f"{i / 7 - 0.5:.6f}" for i in range(W))
+WEIGHTS = f"float[{W}] gamma = {{{GAMMA}}}, float[{W}] beta = {{{BETA}}}"
+CONSTANTS = "int64[1] last = {-1}, float two = {2.0}, float eps = {1e-5}"
+INITS = f"{WEIGHTS}, {CONSTANTS}"
+SIGNATURE = f"g (float[N,4,{W}] x) => (float[N,4,{W}] y)"
+LN = "y = LayerNormalization <axis = -1, epsilon: float = 1e-5> (x, gamma, beta)"
+
+
+
+def decomposed(x: str = "x", y: str = "y", k: str = "") -> str:
+    """x - mean, over the root of the mean square plus epsilon, scaled and shifted: how TorchScript
+    and hand-written modules spell LayerNorm (`k` keeps the names of a second one apart)."""
+    return f"""
+    m{k} = ReduceMean({x}, last)
+    c{k} = Sub({x}, m{k})
+    sq{k} = Pow(c{k}, two)
+    var{k} = ReduceMean(sq{k}, last)
+    ve{k} = Add(var{k}, eps)
+    sd{k} = Sqrt(ve{k})
+    n{k} = Div(c{k}, sd{k})
+    s{k} = Mul(n{k}, gamma)
+    {y} = Add(s{k}, beta)
+"""
+
+
+DECOMPOSED = decomposed()
+
+RMS = """
+    sq = Mul(x, x)
+    var = ReduceMean(sq, last)
+    ve = Add(eps, var)
+    sd = Sqrt(ve)
+    r = Reciprocal(sd)
+    n = Mul(x, r)
+    y = Mul(gamma, n)
+"""
+
+
+model = graph
+
+
+# --- golden ----------------------------------------------------------------------------------
+
+def test_decomposed_layer_norm_becomes_one_op():
+    before = model(SIGNATURE, DECOMPOSED, INITS)
+    expected = model(SIGNATURE, LN, WEIGHTS)
+    result = check_pass(FuseLayerNormPass(), before, expected)
+    assert result.stats == {"layer_norms_fused": 1, "rms_norms_left": 0, "unproven": 0, "unsupported": 0}
+    assert output_names(result.model) == ["y"]
+
+
+def test_reciprocal_square_root_form_and_inner_output():
+    # 1 / sqrt as Reciprocal then Mul, x * x as the square, and the result read by another node.
+    body = (DECOMPOSED.replace("sq = Pow(c, two)", "sq = Mul(c, c)")
+            .replace("n = Div(c, sd)", "r = Reciprocal(sd)\n    n = Mul(r, c)")
+            .replace("y = Add(s, beta)", "b = Add(beta, s)\n    y = Relu(b)"))
+    before = model(SIGNATURE, body, INITS)
+    expected = model(SIGNATURE, LN.replace("y =", "b =") + "\n y = Relu(b)", WEIGHTS)
+    check_pass(FuseLayerNormPass(), before, expected)
+
+
+def test_missing_weight_becomes_ones_and_missing_bias_stays_missing():
+    body = DECOMPOSED.replace("    s = Mul(n, gamma)\n    y = Add(s, beta)\n", "    y = Identity(n)\n")
+    before = model(SIGNATURE, body, CONSTANTS)
+    ones = f"float[{W}] ones = {{{', '.join(['1'] * W)}}}"
+    expected = model(SIGNATURE, LN.replace("y =", "n =").replace("gamma, beta", "ones") + "\n y = Identity(n)", ones)
+    check_pass(FuseLayerNormPass(), before, expected)
+
+
+def test_scalar_weight_becomes_a_vector():
+    before = model(SIGNATURE, DECOMPOSED.replace("Mul(n, gamma)", "Mul(n, k)"), f"{INITS}, float k = {{1.5}}")
+    vector = f"float[{W}] k = {{{', '.join(['1.5'] * W)}}}"
+    expected = model(SIGNATURE, LN.replace("gamma", "k"), f"{vector}, float[{W}] beta = {{{BETA}}}")
+    check_pass(FuseLayerNormPass(), before, expected)
+
+
+def test_two_norms_in_a_row():
+    signature = f"g (float[N,4,{W}] x) => (float[N,4,{W}] z)"
+    before = model(signature, DECOMPOSED + decomposed("y", "z", "2"), INITS)
+    expected = model(signature, LN + "\n" + LN.replace("y =", "z =").replace("(x,", "(y,"), WEIGHTS)
+    result = check_pass(FuseLayerNormPass(), before, expected)
+    assert result.stats["layer_norms_fused"] == 2
+
+
+# --- left alone ---------------------------------------------------------------------------------
+
+def test_rms_norm_is_counted_and_left_alone():
+    result = check_pass(FuseLayerNormPass(), model(SIGNATURE, RMS, INITS))
+    assert result.stats == {"layer_norms_fused": 0, "rms_norms_left": 1, "unproven": 0, "unsupported": 0}
+
+
+def test_layer_norm_op_left_alone():
+    check_pass(FuseLayerNormPass(), model(SIGNATURE, LN, WEIGHTS))
+
+
+def test_norm_over_another_axis_left_alone():
+    body = DECOMPOSED.replace("var = ReduceMean(sq, last)", "var = ReduceMean(sq, one)")
+    check_pass(FuseLayerNormPass(), model(SIGNATURE, body, f"{INITS}, int64[1] one = {{1}}"))
+
+
+def test_norm_whose_centred_value_is_read_outside_left_alone():
+    signature = f"g (float[N,4,{W}] x) => (float[N,4,{W}] y, float[N,4,{W}] c)"
+    check_pass(FuseLayerNormPass(), model(signature, DECOMPOSED, INITS))
+
+
+def test_norm_rounded_to_float16_is_not_proven():
+    # Normalized in float32, scaled in float16: one LayerNormalization cannot round in the middle,
+    # and the proof by execution sees the difference.
+    body = DECOMPOSED.replace("s = Mul(n, gamma)", "h = Cast <to = 10> (n)\n    s = Mul(h, gamma)")
+    before = model(f"g (float[N,4,{W}] x) => (float16[N,4,{W}] y)", body, INITS)
+    for name in ("gamma", "beta"):  # ONNX text has no float16 literals
+        value = before.graph.initializers[name]
+        value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=name)
+        value.dtype = ir.DataType.FLOAT16
+    result = check_pass(FuseLayerNormPass(), before)
+    assert result.stats["unproven"] == 1
+
+
+def test_missing_weight_with_a_dynamic_width_left_alone():
+    body = DECOMPOSED.replace("    s = Mul(n, gamma)\n    y = Add(s, beta)\n", "    y = Identity(n)\n")
+    result = check_pass(FuseLayerNormPass(), model("g (float[N,4,H] x) => (float[N,4,H] y)", body, CONSTANTS))
+    assert result.stats["unsupported"] == 1
+
+
+# --- debug counter -----------------------------------------------------------------------------------
+
+def test_debug_counter_stops_after_one_rewrite():
+    signature = f"g (float[N,4,{W}] x, float[N,4,{W}] x2) => (float[N,4,{W}] y, float[N,4,{W}] y2)"
+    before = model(signature, DECOMPOSED + decomposed("x2", "y2", "2"), INITS)
+    ctx = PassContext(counter=DebugCounter({"fuse-layer-norm": 1}))
+    result = run_pass(FuseLayerNormPass(), before, ctx)
+    eir.verify(result.model)
+    assert result.stats["layer_norms_fused"] == 1
+    assert eir.op_histogram(result.model)["LayerNormalization"] == 1
+    assert_numerically_equal(before, result.model)
+
+
+# --- the model zoo -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _cleaned(path: str, random_biases: bool) -> ir.Model:
+    model = load_onnx(path)
+    if random_biases:
+        _randomize_biases(model)
+    PassManager("cleanup", PassContext()).run(model)
+    return model
+
+
+def _randomize_biases(model: ir.Model) -> None:
+    """The zoo's random init leaves every bias zero, and cleanup removes Add(x, 0): given values, the
+    projections' biases stay for the fusions that fold them (LayerNorm biases get values too)."""
+    rng = np.random.default_rng(0)
+    for value in model.graph.initializers.values():
+        array = value.const_value.numpy()
+        if array.ndim == 1 and array.size > 1 and array.dtype == np.float32 and not array.any():
+            value.const_value = ir.tensor(rng.normal(0, 0.1, array.shape).astype(array.dtype), name=value.name)
+
+
+def cleaned_zoo(path, *, random_biases: bool = False) -> ir.Model:
+    """A fresh copy of the zoo export at `path` after the cleanup pipeline (cleaned once per process)."""
+    return eir.clone(_cleaned(str(path), random_biases))
+
+
+def check_zoo(model: ir.Model, *passes) -> dict[str, dict[str, int]]:
+    """Runs `passes` on the cleaned zoo model: valid IR, the cleaned model's outputs within 1e-4 and
+    nothing left to do on a second run. Returns each pass's stats by name."""
+    before = eir.clone(model)
+    result = PassManager(list(passes), PassContext()).run(model)
+    eir.verify(model)
+    assert_numerically_equal(before, model, generate_inputs(before), rtol=1e-4, atol=1e-4)
+    again = PassManager(list(passes), PassContext()).run(model)
+    assert not again.modified, [(r.name, r.stats) for r in again.records if r.modified]
+    return {r.name: r.stats for r in result.records}
+
+
+@pytest.mark.parametrize("exporter", zoo.EXPORTERS)
+@pytest.mark.parametrize("arch", zoo.ARCHS)
+def test_zoo(zoo_model, arch, exporter):
+    model = cleaned_zoo(zoo_model(arch, exporter))
+    stats = check_zoo(model, FuseLayerNormPass())["fuse-layer-norm"]
+    # Both exporters write LayerNormalization (TorchScript exports opset 17, which has it): no zoo
+    # LayerNorm is decomposed. Llama's 5 RMSNorms (2 per layer and the final one) are, and stay so.
+    # MobileBERT's NoNorm is an elementwise affine, not a norm.
+    rms = 5 if arch == "llama" else 0
+    assert stats == {"layer_norms_fused": 0, "rms_norms_left": rms, "unproven": 0, "unsupported": 0}
