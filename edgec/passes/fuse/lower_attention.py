@@ -8,6 +8,10 @@ Forms (a backend names its form in its lowering pipeline):
   decomposed   MatMul, Softmax, MatMul on [B, heads, S, head_dim], with the exporter's noise gone
                (IsNaN/Where guards, split scales, casts): TFLite's BATCH_MATMUL + SOFTMAX, and the
                pattern TensorRT's builder fuses into one kernel.
+  sdpa         one call of the model-local function ai.edgec.ScaledDotProductAttention(q, k, v, bias)
+               on [B, heads, S, head_dim] (q already scaled): a backend with an attention op maps the
+               call one to one (Core ML's scaled_dot_product_attention, TVM Relax's nn.attention);
+               onnxruntime and every other ONNX consumer run the function's body.
 The mask always arrives as an additive bias on the scores (a boolean mask is turned into one), which
 keeps padding, causal and mixed masks exact in every form.
 """
@@ -28,12 +32,14 @@ from edgec.passes.blocks import (
 from edgec.passes.core import Pass, PassContext, PassResult
 
 MS_DOMAIN = "com.microsoft"
-FORMS = ("onnxruntime", "decomposed")
+EDGEC_DOMAIN = "ai.edgec"
+SDPA = "ScaledDotProductAttention"
+FORMS = ("onnxruntime", "decomposed", "sdpa")
 
 
 @dataclass
 class LowerAttentionOptions:
-    form: Literal["onnxruntime", "decomposed"] = "decomposed"
+    form: Literal["onnxruntime", "decomposed", "sdpa"] = "decomposed"
 
 
 def packable(block: AttentionBlock) -> str | None:
@@ -111,7 +117,34 @@ def _decomposed(b: Builder, block: AttentionBlock, values: dict[str, ir.Value], 
     return project(b, merge_heads(b, attended, block.heads * block.head_dim), block.o, values)
 
 
-_BUILD = {"onnxruntime": _onnxruntime, "decomposed": _decomposed}
+def add_sdpa_function(model: ir.Model) -> None:
+    """Declares ai.edgec.ScaledDotProductAttention(q, k, v, bias) = softmax(q·kᵀ + bias)·v in the model."""
+    key = (EDGEC_DOMAIN, SDPA, "")
+    if key in model.functions:
+        return
+    q, k, v, bias_in = (ir.Value(name=name) for name in ("q", "k", "v", "bias"))
+    transposed = ir.node("Transpose", [k], {"perm": [0, 1, 3, 2]})
+    scores = ir.node("MatMul", [q, transposed.outputs[0]])
+    masked = ir.node("Add", [scores.outputs[0], bias_in])
+    probabilities = ir.node("Softmax", [masked.outputs[0]], {"axis": -1})
+    attended = ir.node("MatMul", [probabilities.outputs[0], v])
+    body = ir.Graph([q, k, v, bias_in], [attended.outputs[0]], nodes=[transposed, scores, masked, probabilities, attended],
+                    opset_imports={"": model.opset_imports.get("", 20)}, name=SDPA)
+    model.functions[key] = ir.Function(EDGEC_DOMAIN, SDPA, graph=body, attributes=[])
+    model.opset_imports.setdefault(EDGEC_DOMAIN, 1)
+
+
+def _sdpa(b: Builder, block: AttentionBlock, values: dict[str, ir.Value], masks: dict) -> ir.Value:
+    add_sdpa_function(b.model)
+    q, k, v = heads_qkv(b, block, values)
+    q = b.op("Mul", q, b.scalar(block.scale))
+    mask = additive_mask(b, block, values)
+    attended = b.op(SDPA, q, k, v, mask if mask is not None else b.scalar(0.0), domain=EDGEC_DOMAIN,
+                    meta={FORM_KEY: "sdpa"})
+    return project(b, merge_heads(b, attended, block.heads * block.head_dim), block.o, values)
+
+
+_BUILD = {"onnxruntime": _onnxruntime, "decomposed": _decomposed, "sdpa": _sdpa}
 
 
 class LowerAttentionPass(Pass):

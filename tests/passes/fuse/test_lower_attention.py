@@ -68,7 +68,21 @@ def test_decomposed_form_is_canonical():
     assert softmax.metadata_props == {"edgec.attention_form": "decomposed"}
 
 
-@pytest.mark.parametrize("form", ["onnxruntime", "decomposed"])
+def test_sdpa_form_is_one_call_of_a_model_function():
+    before = exported_block()
+    result = run_pass(LowerAttentionPass(form="sdpa"), before)
+    eir.verify(result.model)
+    (call,) = [n for n in result.model.graph if n.domain == "ai.edgec"]
+    assert call.op_type == "ScaledDotProductAttention" and len(call.inputs) == 4
+    assert result.model.opset_imports["ai.edgec"] == 1
+    body = result.model.functions[("ai.edgec", "ScaledDotProductAttention", "")]
+    assert [n.op_type for n in body] == ["Transpose", "MatMul", "Add", "Softmax", "MatMul"]
+    assert not any(n.op_type == "Softmax" for n in result.model.graph)
+    assert_numerically_equal(before, result.model, feeds(), rtol=1e-5, atol=1e-5)
+    assert not LowerAttentionPass(form="sdpa")(result.model, PassContext()).modified
+
+
+@pytest.mark.parametrize("form", ["onnxruntime", "decomposed", "sdpa"])
 def test_boolean_mask_becomes_additive(form):
     before = exported_block("boolean")
     result = run_pass(LowerAttentionPass(form=form), before)
@@ -106,7 +120,7 @@ def test_debug_counter_stops_after_n_blocks(zoo_model):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("form", ["onnxruntime", "decomposed"])
+@pytest.mark.parametrize("form", ["onnxruntime", "decomposed", "sdpa"])
 def test_zoo_blocks_lowered_exactly(zoo_model, arch, exporter, form):
     import zoo
 
