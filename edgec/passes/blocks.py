@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from edgec import ir as eir
 from edgec.analysis.attention import AttentionBlock, Projection, _values_by_name, verify_blocks
-from edgec.ir.constants import constant_array
+from edgec.ir.constants import MAX_CONSTANT_ELEMENTS, constant_array
 from edgec.passes.cleanup._util import add_initializer, remove_dead
 from edgec.passes.core import PassContext
 
@@ -30,6 +30,12 @@ FORM_KEY = "edgec.attention_form"
 
 _FLOAT_MIN = {ir.DataType.FLOAT: np.finfo(np.float32).min, ir.DataType.FLOAT16: np.finfo(np.float16).min,
               ir.DataType.DOUBLE: np.finfo(np.float64).min}
+_END = np.iinfo(np.int64).max  # a Slice end past any axis
+
+
+def lowest(dtype: ir.DataType) -> float:
+    """The lowest finite value of the float type `dtype` (-1e30 for a type not in the table)."""
+    return float(_FLOAT_MIN.get(dtype, -1e30))
 
 
 class Builder:
@@ -149,10 +155,41 @@ def additive_mask(b: Builder, block: AttentionBlock, values: dict[str, ir.Value]
         return None
     mask = values[block.mask_value]
     if block.mask_form == "boolean":
-        return b.op("Where", mask, b.scalar(0.0), b.scalar(_FLOAT_MIN.get(b.dtype, -1e30)))
+        return b.op("Where", mask, b.scalar(0.0), b.scalar(lowest(b.dtype)))
     if mask.dtype != b.dtype:
         return b.op("Cast", mask, to=b.dtype)
     return mask
+
+
+def mask_problem(model: ir.Model, block: AttentionBlock) -> str | None:
+    """Why the block's mask cannot be reduced to one row of key biases, or None when it can."""
+    if block.mask_value is None:
+        return None
+    mask = _values_by_name(model)[block.mask_value]
+    if mask.shape is None:
+        return "the mask's rank is not known"
+    if len(mask.shape) > 4:
+        return f"the mask has rank {len(mask.shape)}"
+    if len(mask.shape) == 0 or mask.shape[-1] == 1:
+        return "the mask is broadcast over the keys"
+    if block.mask == "constant":
+        array = constant_array(mask, MAX_CONSTANT_ELEMENTS)
+        if array is not None and array.ndim >= 2 and not (array == array[..., -1:, :]).all():
+            return "the constant mask differs between queries"
+    return None
+
+
+def key_mask(b: Builder, mask: ir.Value, rank: int) -> ir.Value:
+    """The additive mask's last query row, [B|1, H|1, 1, T]: the bias every key gets."""
+    if rank < 4:
+        mask = b.op("Unsqueeze", mask, b.ints(*range(4 - rank)))
+    return b.op("Slice", mask, b.ints(-1), b.ints(_END), b.ints(2))
+
+
+def mask_rank(model: ir.Model, block: AttentionBlock) -> int:
+    if block.mask_value is None:
+        return 0
+    return len(_values_by_name(model)[block.mask_value].shape)
 
 
 def heads_qkv(b: Builder, block: AttentionBlock, values: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:

@@ -20,9 +20,9 @@ from functools import partial
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.blocks import FORM_KEY, Builder, built_form, rebuild, trusted_blocks
+from edgec.passes.blocks import (FORM_KEY, Builder, built_form, key_mask, mask_problem, mask_rank, rebuild,
+                                 trusted_blocks)
 from edgec.passes.core import Pass, PassContext, PassResult
-from edgec.passes.replace.sliding_window import key_mask, mask_problem, mask_rank
 
 FORM = "linear"
 

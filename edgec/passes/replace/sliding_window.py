@@ -26,13 +26,10 @@ from functools import partial
 import numpy as np
 import onnx_ir as ir
 
-from edgec.analysis.attention import AttentionBlock, _values_by_name
 from edgec.errors import UserError
-from edgec.ir.constants import MAX_CONSTANT_ELEMENTS, constant_array
-from edgec.passes.blocks import _FLOAT_MIN, FORM_KEY, Builder, built_form, rebuild, trusted_blocks
+from edgec.passes.blocks import (FORM_KEY, Builder, built_form, key_mask, lowest, mask_problem, mask_rank, rebuild,
+                                 trusted_blocks)
 from edgec.passes.core import Pass, PassContext, PassResult
-
-_END = np.iinfo(np.int64).max  # a Slice end past any axis
 
 
 @dataclass
@@ -41,39 +38,6 @@ class SlidingWindowOptions:
     # The first `sinks` keys (at most `window`) are seen by every query as well: the tokens like [CLS]
     # that trained models park attention on. Cutting them off costs far more accuracy than the window.
     sinks: int = 0
-
-
-# --- what both approximate replacements share -------------------------------------------------------------
-
-def mask_problem(model: ir.Model, block: AttentionBlock) -> str | None:
-    """Why the block's mask cannot be reduced to one row of key biases, or None when it can."""
-    if block.mask_value is None:
-        return None
-    mask = _values_by_name(model)[block.mask_value]
-    if mask.shape is None:
-        return "the mask's rank is not known"
-    if len(mask.shape) > 4:
-        return f"the mask has rank {len(mask.shape)}"
-    if len(mask.shape) == 0 or mask.shape[-1] == 1:
-        return "the mask is broadcast over the keys"
-    if block.mask == "constant":
-        array = constant_array(mask, MAX_CONSTANT_ELEMENTS)
-        if array is not None and array.ndim >= 2 and not (array == array[..., -1:, :]).all():
-            return "the constant mask differs between queries"
-    return None
-
-
-def key_mask(b: Builder, mask: ir.Value, rank: int) -> ir.Value:
-    """The additive mask's last query row, [B|1, H|1, 1, T]: the bias every key gets."""
-    if rank < 4:
-        mask = b.op("Unsqueeze", mask, b.ints(*range(4 - rank)))
-    return b.op("Slice", mask, b.ints(-1), b.ints(_END), b.ints(2))
-
-
-def mask_rank(model: ir.Model, block: AttentionBlock) -> int:
-    if block.mask_value is None:
-        return 0
-    return len(_values_by_name(model)[block.mask_value].shape)
 
 
 # --- the core ---------------------------------------------------------------------------------------------
@@ -122,8 +86,8 @@ def _sink_bias(b: Builder, chunk_numbers: ir.Value, row: ir.Value, window: int, 
     query = b.op("Add", start, b.const(np.arange(w, dtype=np.int64).reshape(1, w, 1)))  # [n, W, 1]: absolute position
     distance = b.op("Sub", query, b.const(np.arange(sinks, dtype=np.int64).reshape(1, 1, sinks)))
     outside = b.op("Greater", distance if causal else b.op("Abs", distance), b.ints(w))  # [n, W, G]
-    lowest = b.scalar(_FLOAT_MIN.get(b.dtype, -1e30))
-    local = b.op("Where", outside, b.scalar(0.0), lowest)
+    floor = b.scalar(lowest(b.dtype))
+    local = b.op("Where", outside, b.scalar(0.0), floor)
     return b.op("Min", b.op("Unsqueeze", row, b.ints(2)), local)  # row [B|1, H|1, 1, G] -> [.., n, W, G]
 
 
@@ -153,8 +117,8 @@ def window_core(b: Builder, q: ir.Value, k: ir.Value, v: ir.Value, scale: float,
         row = b.op("ConstantOfShape", b.op("Concat", b.ints(1, 1, 1), seq, axis=0), value=zeros)
     else:
         row = key_mask(b, mask, rank)
-    lowest = b.scalar(_FLOAT_MIN.get(b.dtype, -1e30))
-    padded_row = b.op("Pad", row, _pads(b, 4, 3, w, key_pad), lowest)  # [B|1, H|1, 1, L]
+    floor = b.scalar(lowest(b.dtype))
+    padded_row = b.op("Pad", row, _pads(b, 4, 3, w, key_pad), floor)  # [B|1, H|1, 1, L]
     row = _neighbourhood(b, b.op("Reshape", padded_row, b.ints(0, 0, -1, w)), indices, slots * w, ())
     dtype = b.dtype.numpy()
     local = b.derived(("band", w, causal, str(dtype)), lambda: band(w, causal, dtype))

@@ -1,6 +1,6 @@
 import pytest
 import zoo
-from test_fuse_layer_norm import check_zoo, cleaned_zoo
+from norm_helpers import check_zoo, cleaned_zoo
 
 from edgec import ir as eir
 from edgec.passes.core import DebugCounter, PassContext

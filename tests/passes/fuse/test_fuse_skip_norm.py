@@ -3,7 +3,7 @@ import logging
 import onnx_ir as ir
 import pytest
 import zoo
-from test_fuse_layer_norm import BETA, CONSTANTS, GAMMA, W, check_zoo, cleaned_zoo, decomposed
+from norm_helpers import BETA, CONSTANTS, GAMMA, W, check_zoo, cleaned_zoo, decomposed
 
 from edgec import ir as eir
 from edgec.passes.core import DebugCounter, PassContext

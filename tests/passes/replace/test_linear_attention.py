@@ -4,7 +4,7 @@ of the formula (quadratic form, not the associative one the pass builds), on eac
 import numpy as np
 import pytest
 import zoo
-from test_sliding_window import additive, block_feeds, hand_block, hand_feeds, probe, relative_error
+from window_helpers import additive, block_feeds, hand_block, hand_feeds, probe, relative_error
 
 from edgec import ir as eir
 from edgec.analysis.attention import _values_by_name, _weights
