@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     c.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | mixed")
     c.add_argument("--inputs", type=Path, help="verification inputs: .npz keyed by input name, batch first")
-    c.add_argument("--calib", type=Path, help="calibration data (.npz) for int8/mixed")
+    c.add_argument("--calib", type=Path, help="calibration data (.npz) for int8/mixed and approximate passes")
+    c.add_argument("--calib-method", default="minmax", help="activation ranges: minmax | percentile | entropy | mse")
+    c.add_argument("--accuracy-budget", type=float, default=0.999,
+                   help="mixed: least mean output cosine to the float model (default 0.999)")
     c.add_argument("--pipeline", help="pass pipeline text; default: the target's pipeline")
     c.add_argument("--backend", help="backend to emit for; default: the target's first available one")
     c.add_argument("--tolerance", help="widen/narrow verification, e.g. min_cosine=0.999,min_sqnr_db=30")

@@ -44,6 +44,8 @@ def cmd_compile(args) -> int:
         precision=args.precision,
         inputs=args.inputs,
         calib=args.calib,
+        calib_method=args.calib_method,
+        accuracy_budget=args.accuracy_budget,
         pipeline=args.pipeline,
         backend=args.backend,
         tolerance=args.tolerance,
@@ -81,10 +83,26 @@ def _pass_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def _precision_table(quantization: dict) -> Table:
+    """Mixed precision: each quantizable op, its sensitivity and the precision it got, most sensitive first."""
+    a = quantization["assignment"]
+    title = (f"precision per op: {a['float_ops']} kept in float, {a['int8_ops']} int8; mean cosine {a['cosine_mean']:.5f} "
+             f"(budget {a['budget_cosine_mean']}) on {a['samples']} calibration samples")
+    table = Table(title=title, show_edge=False)
+    for col in ("op", "kind", "sensitivity (1 - cosine, alone)", "precision"):
+        table.add_column(col, justify="right" if col.startswith("sensitivity") else "left")
+    for row in sorted(quantization["layers"], key=lambda r: -r["sensitivity"]):
+        table.add_row(row["node"], row["kind"], f"{row['sensitivity']:.2e}", row["precision"])
+    return table
+
+
 def _print_compile(report: dict, console) -> None:
     v, s = report["verification"], report["sizes"]
     console.print(f"[bold]{report['source']}[/] -> {report['target']} via {report['backend']} ({report['precision']})")
     console.print(_pass_table(report["passes"], "passes"))
+    quantization = report.get("quantization")
+    if quantization and quantization.get("layers"):
+        console.print(_precision_table(quantization))
     summary = Table(show_header=False, show_edge=False)
     summary.add_column()
     summary.add_column()

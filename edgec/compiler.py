@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,11 +22,19 @@ from edgec.passes.registry import MAX_FIXPOINT_ROUNDS
 from edgec.report import write_json
 from edgec.sources import load_source
 from edgec.targets import Target, get_target
-from edgec.verify import check_tolerance, compare, generate_inputs, load_inputs, ort_session, parse_tolerance, run_model, run_session
+from edgec.verify import (
+    check_tolerance, compare, generate_inputs, load_inputs, ort_session, parse_tolerance, run_model, run_session, token_mask,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # What this build can emit. The rest are accepted by the parser and refused with a clear reason.
-IMPLEMENTED_PRECISIONS = ("fp32",)
+IMPLEMENTED_PRECISIONS = ("fp32", "int8", "mixed")
+QUANTIZED = ("int8", "mixed")
+# Fewer samples than this give ranges that depend on which sentences happened to be chosen.
+MIN_CALIBRATION_SAMPLES = 8
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+# Samples of the calibration data that mixed precision runs each candidate on.
+MIXED_SAMPLES = 32
 
 
 @dataclass
@@ -38,6 +47,9 @@ class CompileOptions:
     pipeline: str | None = None
     backend: str | None = None
     tolerance: str | None = None
+    calib_method: str = "minmax"
+    accuracy_budget: float = 0.999  # mixed: the least mean output cosine to the float model
+    cache_dir: Path | None = None  # calibration statistics; default: $EDGEC_CACHE_DIR or ~/.cache/edgec
     exporter: str = "dynamo"
     debug_counter: str | None = None
     verify_each: bool = False
@@ -125,15 +137,21 @@ def check_precision(precision: str, target: Target, backend: Backend, calib: Pat
             f"--precision {precision} is not implemented in this edgec version",
             f"use --precision {' or '.join(IMPLEMENTED_PRECISIONS)}",
         )
-    if precision not in target.precisions:
+    needs = "int8" if precision == "mixed" else precision
+    if needs not in target.precisions:
         raise UserError(
             f"target {target.name} supports no {precision} unit", f"choose one of: {', '.join(target.precisions)}"
         )
-    if precision not in backend.precisions:
+    if needs not in backend.precisions:
         raise UserError(
             f"backend {backend.name} cannot emit {precision}", f"choose one of: {', '.join(backend.precisions)}"
         )
-    if calib is not None and precision not in ("int8", "mixed") and not approximate:
+    if precision in QUANTIZED and calib is None:
+        raise UserError(
+            f"--precision {precision} needs calibration data",
+            "pass --calib DATA.npz: model inputs keyed by name, samples first (tools/prepare_data.py makes one)",
+        )
+    if calib is not None and precision not in QUANTIZED and not approximate:
         raise UserError(
             "--calib is only used to quantize or to measure approximate passes",
             "drop --calib, or compile with --precision int8 or mixed",
@@ -168,6 +186,9 @@ def compile_model(
     check_precision(options.precision, target, backend, options.calib, approximate)
     tolerance = parse_tolerance(options.tolerance, options.precision)
     verify_data = options.calib if approximate and options.calib is not None else options.inputs
+    quantizing = options.precision in QUANTIZED
+    if quantizing and options.calib_method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {options.calib_method!r}", f"choose one of: {', '.join(CALIBRATION_METHODS)}")
     if options.dump_ir is not None:
         _check_writable_folder(Path(options.dump_ir), "--dump-ir folder")
     source_path = Path(source)
@@ -182,6 +203,7 @@ def compile_model(
         original_nodes = eir.node_count(model)
         # The source's files were listed for the output check; an export's are listed now.
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
+        calib_feeds = _calibration_feeds(options.calib, model) if quantizing else None
         if verify_data is not None:
             feeds = load_inputs(verify_data, model)
             inputs_source = str(verify_data)
@@ -217,7 +239,7 @@ def compile_model(
             step("running the PyTorch model")
             (output_name,) = reference.keys() if len(reference) == 1 else (None,)
             if output_name is not None:
-                export_check = compare(run_hf_folder(source_path, feeds, output_name), reference)
+                export_check = compare(run_hf_folder(source_path, feeds, output_name), reference, token_mask(feeds))
         t = mark("reference", t)
 
         instruments: list[Instrument] = [Progress(step)]
@@ -234,8 +256,12 @@ def compile_model(
         manager.ctx = ctx
         result = manager.run(model)
         model = result.model
-        eir.verify(model)
         t = mark("passes", t)
+        quantization = None
+        if quantizing:
+            quantization = _quantize(model, backend, target, ctx, calib_feeds, options, step, result)
+            t = mark("quantize", t)
+        eir.verify(model)
 
         step(f"emitting {backend.name} artifact")
         try:
@@ -257,7 +283,7 @@ def compile_model(
                 runtime_note = str(exc)
                 outputs = run_model(model, feeds)
                 verified_in = "onnxruntime (final IR; artifact runtime unavailable here)"
-            figures = compare(reference, outputs)
+            figures = compare(reference, outputs, token_mask(feeds))
             failures = check_tolerance(figures, tolerance)
             second_shape = None
             if runtime_note is None and alt is not None:
@@ -267,7 +293,7 @@ def compile_model(
                     second_shape["skipped"] = alt_skipped
                 else:
                     try:
-                        second_shape.update(compare(alt_reference, backend.run(artifact, alt)))
+                        second_shape.update(compare(alt_reference, backend.run(artifact, alt), token_mask(alt)))
                         failures += [f"at the second shape: {f}" for f in check_tolerance(second_shape, tolerance)]
                     except Exception as exc:
                         failures.append(f"the artifact fails at shapes the original runs ({_first_line(exc)})")
@@ -301,6 +327,7 @@ def compile_model(
         "artifact": str(artifact.path) if not failures else None,
         "pipeline": manager.text,
         "passes": result.summary(),
+        "quantization": quantization,
         "verification": {
             **figures,
             "inputs": inputs_source,
@@ -324,6 +351,70 @@ def compile_model(
     }
     report_path = write_json(outdir / "report.json", report)
     return CompileResult(artifact if not failures else None, report, report_path, not failures, failures)
+
+
+def _calibration_feeds(path: Path, model) -> dict:
+    """The calibration data, checked: names and shapes that fit, enough samples, finite numbers."""
+    import numpy as np
+
+    feeds = load_inputs(path, model)
+    samples = min(len(v) for v in feeds.values()) if feeds else 0
+    if samples < MIN_CALIBRATION_SAMPLES:
+        raise UserError(
+            f"calibration data {path} has {samples} samples; quantizing needs at least {MIN_CALIBRATION_SAMPLES}",
+            "add samples that look like what the model will see (a few hundred is typical)",
+        )
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UserError(f"calibration input {name!r} in {path} holds NaN or infinite values", "clean the data")
+    return feeds
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEC_CACHE_DIR") or Path.home() / ".cache" / "edgec")
+
+
+def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: dict, options: CompileOptions,
+              step: Callable[[str], None], result) -> dict:
+    """Calibrates the float model on `feeds`, then inserts QDQ by the backend's scheme for the target."""
+    from edgec.passes.quantize.insert_qdq import RANGES_KEY, InsertQdqOptions, InsertQdqPass, quantizable_activations
+    from edgec.quantize.calibrate import calibrate
+
+    qdq = InsertQdqOptions(**backend.quantization(target))
+    tensors = quantizable_activations(model, qdq)
+    progress_shown = {"cache": "miss"}
+
+    def progress(done: int, total: int, message: str) -> None:
+        if "cache" in message:
+            progress_shown["cache"] = "hit"
+        step(f"{message} {done}/{total}")
+
+    cache = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
+    calibration = calibrate(model, tensors, feeds, progress=progress, cache_dir=cache / "calibration")
+    ranges = calibration.ranges(options.calib_method, dtype=qdq.activations)
+    ctx.options[RANGES_KEY] = ranges
+    layers = assignment = None
+    if options.precision == "mixed":
+        from edgec.quantize.mixed import assign
+
+        subset = {k: v[:MIXED_SAMPLES] for k, v in feeds.items()}
+        chosen = assign(model, qdq, ranges, subset, options.accuracy_budget,
+                        progress=lambda done, total, message: step(f"{message} {done}/{total}"))
+        qdq = dataclasses.replace(qdq, exclude=qdq.exclude + chosen.exclude)
+        layers = [dataclasses.asdict(c) for c in chosen.choices]
+        assignment = {"budget_cosine_mean": chosen.budget, "cosine_mean": chosen.cosine_mean,
+                      "cosine_min": chosen.cosine_min, "samples": min(len(v) for v in subset.values()),
+                      "float_ops": len(chosen.exclude), "int8_ops": len(chosen.choices) - len(chosen.exclude)}
+    quantized = PassManager([InsertQdqPass(qdq)], ctx).run(model)
+    result.records.extend(quantized.records)
+    return {
+        "assignment": assignment,
+        "layers": layers,
+        "scheme": {"weights": f"{qdq.weights} symmetric" + (" per-channel" if qdq.per_channel else ""),
+                   "activations": qdq.activations, "attention": qdq.attention, "embeddings": qdq.embeddings},
+        "calibration": {"data": str(options.calib), "samples": calibration.samples, "method": options.calib_method,
+                        "tensors": len(tensors), "cache": progress_shown["cache"]},
+    }
 
 
 def _first_line(exc: BaseException) -> str:

@@ -60,6 +60,11 @@ class Backend:
     # Fusions into ops this backend's runtime has, run after attention is lowered.
     fusions: ClassVar[tuple[str, ...]] = ()
 
+    def quantization(self, target) -> dict:
+        """insert-qdq options for this backend's integer kernels on `target` (int8 symmetric
+        activations: what TensorRT and most NPUs take)."""
+        return {"activations": "int8"}
+
     def lowering_pipeline(self, target, precision: str) -> str:
         """Passes that put the IR into the form this backend's runtime runs best (may be empty):
         attention in `attention_form`, then `fusions`, then cleanup of what they left."""

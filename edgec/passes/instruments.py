@@ -72,10 +72,10 @@ class VerifyAfterEachPass(Instrument):
         except eir.VerificationError as exc:
             raise PassBrokeModel(f"after pass {record.spec}: {exc}") from None
         if self.feeds is not None and self.reference is not None:
-            from edgec.verify import compare, run_model
+            from edgec.verify import compare, run_model, token_mask
 
             outputs = run_model(model, self.feeds)
-            figures = compare(self.reference, outputs)
+            figures = compare(self.reference, outputs, token_mask(self.feeds))
             if figures["cosine_min"] < self.min_cosine:
                 raise PassBrokeModel(
                     f"after pass {record.spec}: output cosine fell to {figures['cosine_min']:.6f} "

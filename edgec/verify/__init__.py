@@ -56,10 +56,25 @@ def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return dict(zip(names, outs))
 
 
-def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, float]:
+TOKEN_MASK_INPUT = "attention_mask"
+
+
+def token_mask(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """[batch, tokens] booleans, True where a token is real, from the feeds' attention mask (if any)."""
+    mask = feeds.get(TOKEN_MASK_INPUT)
+    if mask is None or np.ndim(mask) != 2:
+        return None
+    return np.asarray(mask) != 0
+
+
+def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
+            valid: np.ndarray | None = None) -> dict[str, float]:
     """Cosine (mean and min over samples of every output), SQNR in dB and max abs error, over all outputs.
 
     A sample is one row of the batch dimension; bit-identical outputs give cosine 1 and SQNR inf.
+    With `valid` ([batch, tokens] booleans, see `token_mask`), an output whose first two dims are
+    [batch, tokens] is compared at the real tokens only: what a model computes at padding positions
+    is not part of its meaning (pooling and every task head mask them out).
     """
     cosines: list[float] = []
     signal = noise = 0.0
@@ -71,6 +86,16 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
         out = np.asarray(actual[name], dtype=np.float64)
         if ref.shape != out.shape:
             raise ValueError(f"output {name!r} has shape {out.shape}, the original {ref.shape}")
+        if valid is not None and ref.ndim >= 2 and ref.shape[:2] == valid.shape and not valid.all():
+            rows_r = [r[keep].reshape(-1) for r, keep in zip(ref, valid)]
+            rows_o = [o[keep].reshape(-1) for o, keep in zip(out, valid)]
+            ref, out = np.concatenate(rows_r), np.concatenate(rows_o)
+            cosines.extend(_cosine(a, b) for a, b in zip(rows_r, rows_o))
+            err = out - ref
+            signal += float(np.sum(ref * ref))
+            noise += float(np.sum(err * err))
+            max_abs = max(max_abs, float(np.max(np.abs(err))) if err.size else 0.0)
+            continue
         rows_r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
         rows_o = out.reshape(rows_r.shape)
         output_cos = [_cosine(a, b) for a, b in zip(rows_r, rows_o)]
@@ -92,6 +117,8 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    if np.array_equal(a, b):  # dot / (|a| |b|) can round to just below 1 for identical rows
+        return 1.0
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 and nb == 0:
         return 1.0

@@ -15,7 +15,7 @@ from edgec.backends import Artifact, Backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     description = "optimized ONNX for onnxruntime"
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8", "mixed")
 
     attention_form = "decomposed"
     fusions = ("fuse-layer-norm", "fuse-gelu")
@@ -25,7 +25,14 @@ class OnnxRuntimeBackend(Backend):
     cpu_attention_form = "onnxruntime"
     cpu_fusions = ("fuse-layer-norm", "fuse-gelu", "fuse-skip-norm", "fuse-bias-gelu")
 
+    def quantization(self, target) -> dict:
+        # onnxruntime's CPU integer GEMMs take uint8 activations with int8 weights (u8s8).
+        return {"activations": "uint8"}
+
     def lowering_pipeline(self, target, precision: str) -> str:
+        if precision in ("int8", "mixed"):
+            # Quantized attention needs its MatMuls in the graph: the fused Attention op runs in float.
+            return super().lowering_pipeline(target, precision)
         if all(unit.kind == "cpu" for unit in target.units):
             items = [f"lower-attention{{form={self.cpu_attention_form}}}", *self.cpu_fusions]
             return ",".join([*items, "cleanup"])

@@ -1,0 +1,378 @@
+"""insert-qdq: static, full-integer quantization written as standard QDQ ONNX. Weights become int8
+initializers behind DequantizeLinear, every activation a quantized op reads gets one
+QuantizeLinear/DequantizeLinear pair with scales from calibration ranges, and embedding tables are
+gathered as int8 then dequantized. onnxruntime, TensorRT and QNN all read this form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.analysis.shapes import infer_shapes
+from edgec.errors import UserError
+from edgec.passes.cleanup._util import (
+    add_initializer,
+    bypass,
+    constant_array,
+    constant_tensor,
+    ensure_shapes,
+    is_onnx_op,
+    remove_dead,
+)
+from edgec.passes.core import Pass, PassContext, PassResult
+
+# ctx.options key: value name -> (low, high) measured by calibration for quantizable_activations().
+RANGES_KEY = "activation_ranges"
+
+T = ir.DataType
+_FLOATS = (T.FLOAT, T.FLOAT16)  # what QuantizeLinear/DequantizeLinear-19 take as scale type
+_OPS = {"MatMul", "Gemm", "Conv", "Gather"}
+
+# scheme -> (storage type, qmin, qmax, symmetric). The signed schemes leave the lowest code unused so
+# that +x and -x quantize alike (zero point 0), as TensorRT and the NPUs expect.
+SCHEMES: dict[str, tuple[type, int, int, bool]] = {
+    "uint8": (np.uint8, 0, 255, False),
+    "int8": (np.int8, -127, 127, True),
+    "uint16": (np.uint16, 0, 65535, False),
+    "int16": (np.int16, -32767, 32767, True),
+}
+# QuantizeLinear takes 16-bit types from opset 21; before that onnxruntime's contrib ops do.
+_STANDARD_16BIT_OPSET = 21
+_CONTRIB = "com.microsoft"
+
+
+@dataclass
+class InsertQdqOptions:
+    # activation scheme: uint8 asymmetric, int8 symmetric, or 16-bit (Hexagon's A16W8, say)
+    activations: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
+    weights: Literal["int8"] = "int8"  # symmetric
+    per_channel: bool = True
+    # also quantize MatMuls of two activations (Q·Kᵀ and P·V) when the target runs them in integers
+    attention: bool = True
+    # weight-only int8 for Gather from a constant table (half of MiniLM's bytes are embeddings)
+    embeddings: bool = True
+    exclude: tuple[str, ...] = ()  # node names kept in float (mixed precision chooses them)
+
+
+@dataclass
+class _Rewrite:
+    """What quantizing one node takes."""
+
+    node: ir.Node
+    kind: Literal["linear", "attention", "embedding"]
+    dtype: ir.DataType  # the float type it computes in
+    activations: tuple[ir.Value, ...] = ()
+    weight: ir.Value | None = None  # linear: the constant weight input; embedding: the table
+    axis: int | None = None  # the weight's per-channel axis; None: one scale for the tensor
+
+
+# --- matching ----------------------------------------------------------------------------------------
+
+def _from_dequantize(value: ir.Value | None) -> bool:
+    producer = None if value is None else value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx", _CONTRIB)
+
+
+def _weight_axis(node: ir.Node, rank: int) -> int:
+    """The weight's output-channel axis: MatMul [.., in, out] the last, Gemm B [out, in] under transB, Conv 0."""
+    if node.op_type == "MatMul":
+        return rank - 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 0
+
+
+def _match_linear(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str:
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None:
+        return "missing input"
+    if _from_dequantize(x) or _from_dequantize(w):
+        return "already quantized: an input comes from DequantizeLinear"
+    if constant_tensor(w) is None:
+        if node.op_type != "MatMul":
+            return f"{node.op_type} weight is not constant"
+        if not options.attention:
+            return "MatMul of two activations (attention=false)"
+        if constant_tensor(x) is not None:
+            return "constant on the left of a MatMul"
+        if not (x.dtype in _FLOATS and w.dtype == x.dtype):
+            return "inputs are not float (or their types are unknown)"
+        return _Rewrite(node, "attention", x.dtype, activations=(x, w))
+    if constant_tensor(x) is not None:
+        return "both inputs are constant (fold-constants folds it)"
+    weight = constant_array(w)
+    if weight is None or weight.dtype not in (np.float32, np.float16):
+        return f"weight is {'unreadable' if weight is None else weight.dtype}, not float"
+    if weight.ndim < 2 or (node.op_type == "Conv" and weight.ndim < 3):
+        return f"weight is {weight.ndim}-D"
+    if not np.isfinite(weight).all():
+        return "weight has non-finite values"
+    if (x.dtype or w.dtype) != w.dtype:
+        return "activation and weight types differ"
+    axis = _weight_axis(node, weight.ndim) if options.per_channel else None
+    return _Rewrite(node, "linear", w.dtype, activations=(x,), weight=w, axis=axis)
+
+
+def _match_gather(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | None:
+    table = node.inputs[0]
+    if table is None or table.dtype not in _FLOATS or constant_tensor(table) is None:
+        return None  # shape gathers and gathers of activations are no candidates
+    if not options.embeddings:
+        return "embeddings=false"
+    rank = len(constant_tensor(table).shape)
+    if rank < 2:
+        return "table is not a matrix"
+    if table.is_graph_output():
+        return "table is a graph output"
+    if node.attributes.get_int("axis", 0) % rank == rank - 1:
+        return "gathers along the table's last axis"
+    return _Rewrite(node, "embedding", table.dtype, weight=table, axis=rank - 1 if options.per_channel else None)
+
+
+def _match(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | None:
+    """What quantizing `node` takes, why it stays float, or None when it is no candidate."""
+    if not is_onnx_op(node, *_OPS):
+        return None
+    if node.op_type == "Gather":
+        result = _match_gather(node, options)
+    elif len(node.inputs) < 2:
+        return None
+    else:
+        result = _match_linear(node, options)
+    if isinstance(result, _Rewrite) and node.name in options.exclude:
+        return "excluded"
+    return result
+
+
+def _plan(model: ir.Model, options: InsertQdqOptions, allow: Callable[[], bool] = lambda: True):
+    """The rewrites of one run in graph order, and why each other candidate stays float (by node).
+
+    `allow` (the debug counter) is asked once per matched node, in graph order."""
+    rewrites: list[_Rewrite] = []
+    misses: dict[ir.Node, str] = {}
+    for node in model.graph:
+        result = _match(node, options)
+        if isinstance(result, str):
+            misses[node] = result
+        elif result is not None and allow():
+            rewrites.append(result)
+    # An embedding table is gathered in int8 only when its float copy goes: when every reader of it
+    # is quantized with it as weight (tied output embeddings get their own per-row copy). Otherwise
+    # the int8 rows would add bytes beside a float table that stays.
+    while True:
+        weights = {(id(r.node), id(r.weight)) for r in rewrites if r.weight is not None}
+        blocked = next(((r, use.node) for r in rewrites if r.kind == "embedding" for use in r.weight.uses()
+                        if (id(use.node), id(r.weight)) not in weights), None)
+        if blocked is None:
+            return rewrites, misses
+        r, reader = blocked
+        misses[r.node] = f"table is also read by {reader.op_type} {reader.name!r}, which keeps it float"
+        rewrites = [x for x in rewrites if x is not r]
+
+
+def _activation_names(rewrites: list[_Rewrite]) -> list[str]:
+    return list(dict.fromkeys(x.name for r in rewrites for x in r.activations))
+
+
+def _typed(model: ir.Model) -> None:
+    """Infers types (in place) when a MatMul input lacks one: a MatMul of two activations is
+    quantized only when both are known to be float, and the pass itself always infers them."""
+    if any(is_onnx_op(n, "MatMul") and any(v is not None and v.dtype is None for v in n.inputs) for n in model.graph):
+        infer_shapes(model)
+
+
+def quantizable_activations(model: ir.Model, options: InsertQdqOptions) -> list[str]:
+    """The activations insert-qdq quantizes with `options` (what calibration must measure), in graph order."""
+    _typed(model)
+    return _activation_names(_plan(model, options)[0])
+
+
+def near_misses(model: ir.Model, options: InsertQdqOptions) -> dict[str, str]:
+    """node name -> why insert-qdq leaves that MatMul/Gemm/Conv/embedding Gather in float."""
+    _typed(model)
+    return {node.name: why for node, why in _plan(model, options)[1].items()}
+
+
+# --- numbers -------------------------------------------------------------------------------------------
+
+def _positive(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Scales in `dtype`: where there is nothing to represent (all zeros) 1.0, never 0 (Q divides by it)."""
+    scale = np.where(scale > 0, scale, 1.0).astype(dtype)
+    return np.maximum(scale, np.finfo(dtype).tiny).astype(dtype)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: (codes, scales) with scale = max|w| / 127 along `axis` (None: one for the tensor)."""
+    w32 = w.astype(np.float32)
+    if axis is None:
+        scale = _positive(np.asarray(np.abs(w32).max() / 127), w.dtype)
+        broadcast = scale.astype(np.float32)
+    else:
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        scale = _positive(np.abs(w32).max(axis=others) / 127, w.dtype)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        broadcast = scale.astype(np.float32).reshape(shape)
+    codes = np.clip(np.rint(w32 / broadcast), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def activation_params(low: float, high: float, scheme: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) scalars for an activation calibrated to [low, high] under `scheme`.
+
+    The range is widened to include 0, so that zero (padding, ReLU's floor) is exact."""
+    storage, qmin, qmax, symmetric = SCHEMES[scheme]
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if symmetric:
+        scale = _positive(np.asarray(max(-low, high) / qmax), dtype)
+        return scale, np.zeros((), storage)
+    scale = _positive(np.asarray((high - low) / (qmax - qmin)), dtype)
+    zero = np.clip(np.rint(qmin - low / float(scale)), qmin, qmax)
+    return scale, np.asarray(zero, storage)
+
+
+def _check_range(name: str, value) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+        raise UserError(f"calibration range of {name!r} is {value!r}",
+                        "recalibrate: every range must be finite (low, high) with low <= high")
+    return low, high
+
+
+# --- rewriting -----------------------------------------------------------------------------------------
+
+class _Builder:
+    """Adds the Q/DQ nodes of one pass run, sharing a pair per activation and a DQ per weight."""
+
+    def __init__(self, model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tuple[float, float]]):
+        self.model, self.graph, self.options, self.ranges = model, model.graph, options, ranges
+        self.pairs: dict[int, ir.Value] = {}
+        self.weights: dict[tuple[int, int | None], ir.Value] = {}
+        self.tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.added_bytes = 0
+        self.domain = ""
+        if SCHEMES[options.activations][0] in (np.uint16, np.int16):
+            if model.opset_imports.get("", 0) < _STANDARD_16BIT_OPSET:
+                self.domain = _CONTRIB
+
+    def _node(self, anchor: ir.Node, op: str, inputs, like: ir.Value, dtype: ir.DataType, domain: str = "", **attrs) -> ir.Value:
+        node = ir.node(op, inputs, attrs, domain=domain)
+        self.graph.insert_before(anchor, node)
+        out = node.outputs[0]
+        out.type = ir.TensorType(dtype)
+        if like.shape is not None:
+            out.shape = like.shape.copy()
+        return out
+
+    def _const(self, array: np.ndarray) -> ir.Value:
+        self.added_bytes += array.nbytes
+        return add_initializer(self.graph, array)
+
+    def activation(self, x: ir.Value, dtype: ir.DataType, reader: ir.Node) -> ir.Value:
+        """x through its QuantizeLinear/DequantizeLinear pair, built before `reader` the first time."""
+        if id(x) not in self.pairs:
+            low, high = self.ranges[x.name]
+            scale, zero = activation_params(low, high, self.options.activations, dtype.numpy())
+            s, z = add_initializer(self.graph, scale), add_initializer(self.graph, zero)
+            if self.domain:
+                self.model.opset_imports.setdefault(self.domain, 1)
+            q = self._node(reader, "QuantizeLinear", [x, s, z], x, ir.DataType.from_numpy(zero.dtype), self.domain)
+            self.pairs[id(x)] = self._node(reader, "DequantizeLinear", [q, s, z], x, dtype, self.domain)
+        return self.pairs[id(x)]
+
+    def _codes(self, w: ir.Value, axis: int | None) -> tuple[ir.Value, ir.Value]:
+        codes, scale = quantize_weight(constant_array(w), axis)
+        return self._const(codes), self._const(scale)
+
+    def weight(self, w: ir.Value, axis: int | None, reader: ir.Node) -> ir.Value:
+        key = (id(w), axis)
+        if key not in self.weights:
+            codes, scale = self._codes(w, axis)
+            attrs = {} if axis is None else {"axis": axis}
+            self.weights[key] = self._node(reader, "DequantizeLinear", [codes, scale], w, w.dtype, **attrs)
+        return self.weights[key]
+
+    def embedding(self, r: _Rewrite) -> None:
+        """Gather(table, ids) becomes DequantizeLinear(Gather(int8 table, ids)): rows are dequantized
+        after the gather, so the float table never exists at run time."""
+        gather, table = r.node, r.weight
+        if id(table) not in self.tables:
+            self.tables[id(table)] = self._codes(table, r.axis)
+        codes, scale = self.tables[id(table)]
+        old = gather.outputs[0]
+        ids = gather.inputs[1]
+        same = {name: attr.value for name, attr in gather.attributes.items()}
+        rows = self._node(gather, "Gather", [codes, ids], old, T.INT8, **same)
+        attrs = {}
+        if r.axis is not None:
+            rank = len(old.shape) if old.shape is not None else None
+            if rank is None and ids.shape is not None:
+                rank = len(ids.shape) + len(constant_tensor(table).shape) - 1
+            attrs["axis"] = -1 if rank is None else rank - 1
+        bypass(gather, self._node(gather, "DequantizeLinear", [rows, scale], old, table.dtype, **attrs))
+
+
+class InsertQdqPass(Pass):
+    """Quantizes MatMul/Gemm/Conv (int8 per-channel weights, calibrated activations), attention
+    MatMuls and embedding tables into standard QuantizeLinear/DequantizeLinear form."""
+
+    name = "insert-qdq"
+    Options = InsertQdqOptions
+    requires = ("shapes",)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        ensure_shapes(model, ctx, _OPS)
+        rewrites, _ = _plan(model, self.options, lambda: ctx.allow(self.name))
+        stats = dict.fromkeys(("ops_quantized", "weights_quantized", "activations_quantized", "attention_matmuls",
+                               "embeddings_quantized", "weight_bytes_saved"), 0)
+        if not rewrites:
+            return PassResult(model, False, stats)
+        given = ctx.options.get(RANGES_KEY) or {}
+        needed = _activation_names(rewrites)
+        missing = [name for name in needed if name not in given]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise UserError(f"insert-qdq needs calibration ranges for {len(missing)} tensors ({shown})",
+                            "compile with --precision int8 --calib DATA.npz")
+        ranges = {name: _check_range(name, given[name]) for name in needed}
+        if model.opset_imports.get("", 0) < 19:
+            raise UserError(f"insert-qdq writes opset-19 QDQ but the model imports ONNX opset {model.opset_imports.get('')}",
+                            "load it through edgec's ONNX frontend, which converts it to opset 20")
+
+        b = _Builder(model, self.options, ranges)
+        floats: dict[int, ir.Value] = {}
+        # Embeddings last: replacing a Gather renames its output, which a quantized op may read (and
+        # calibration measured under the old name); the pair built on it moves along with the uses.
+        for r in sorted(rewrites, key=lambda r: r.kind == "embedding"):
+            node = r.node
+            if r.kind == "embedding":
+                floats[id(r.weight)] = r.weight
+                b.embedding(r)
+                stats["embeddings_quantized"] += 1
+            else:
+                for index, value in enumerate(list(node.inputs)):
+                    if value is not None and any(value is x for x in r.activations):
+                        node.replace_input_with(index, b.activation(value, r.dtype, node))
+                if r.weight is not None:
+                    floats[id(r.weight)] = r.weight
+                    node.replace_input_with(1, b.weight(r.weight, r.axis, node))
+                stats["attention_matmuls"] += r.kind == "attention"
+            stats["ops_quantized"] += 1
+        sizes = {key: _nbytes(w) for key, w in floats.items()}
+        remove_dead(floats.values())
+        freed = sum(sizes[key] for key, w in floats.items() if not w.uses() and not w.is_graph_output())
+        stats["weights_quantized"] = len(floats)
+        stats["activations_quantized"] = len(b.pairs)
+        stats["weight_bytes_saved"] = freed - b.added_bytes
+        return PassResult(model, True, stats)
+
+
+def _nbytes(value: ir.Value) -> int:
+    tensor = constant_tensor(value)
+    return 0 if tensor is None else tensor.nbytes

@@ -1,0 +1,143 @@
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgec.passes.quantize.insert_qdq import InsertQdqOptions, quantizable_activations
+from edgec.quantize.mixed import Assignment, assign, quantized
+from edgec.testing import graph
+from edgec.verify import compare, run_model
+
+NAMES = ["exact", "mid", "bad", "last"]
+BAD = "bad"  # reads h2, whose range is made 300 times too wide
+OPTIONS = InsertQdqOptions()
+
+
+def chain() -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """Four chained MatMuls. The first quantizes exactly: integer inputs in a [0, 255] range (uint8
+    scale 1, zero point 0) and integer weights with 127 in every column (int8 scale 1)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.integers(-20, 21, (8, 8)).astype(np.float32)
+    np.fill_diagonal(w1, 127)
+    weights = {"w1": w1, **{f"w{i}": rng.standard_normal((8, 8)).astype(np.float32) / 8 for i in (2, 3, 4)}}
+    zeros = "{" + ",".join(["0"] * 64) + "}"
+    m = graph("g (float[N,8] x) => (float[N,8] y)", """
+        h1 = MatMul(x, w1)
+        h2 = MatMul(h1, w2)
+        h3 = MatMul(h2, w3)
+        y = MatMul(h3, w4)""", ", ".join(f"float[8,8] {k} = {zeros}" for k in weights))
+    for name, array in weights.items():
+        m.graph.initializers[name].const_value = ir.tensor(array)
+    for node, name in zip(m.graph, NAMES):
+        node.name = name
+    feeds = {"x": rng.integers(0, 11, (16, 8)).astype(np.float32)}
+    return m, feeds
+
+
+def float_ranges(feeds: dict[str, np.ndarray], m: ir.Model) -> dict[str, tuple[float, float]]:
+    """Min and max of each MatMul input, by numpy; x gets [0, 255] so that its quantization is exact."""
+    w = {k: v.const_value.numpy().astype(np.float64) for k, v in m.graph.initializers.items()}
+    h1 = feeds["x"].astype(np.float64) @ w["w1"]
+    h2 = h1 @ w["w2"]
+    h3 = h2 @ w["w3"]
+    ranges = {"x": (0.0, 255.0)}
+    ranges.update({name: (float(a.min()), float(a.max())) for name, a in (("h1", h1), ("h2", h2), ("h3", h3))})
+    return ranges
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m, feeds = chain()
+    assert quantizable_activations(m, OPTIONS) == ["x", "h1", "h2", "h3"]
+    ranges = float_ranges(feeds, m)
+    low, high = ranges["h2"]
+    ranges["h2"] = (300 * low, 300 * high)
+    return m, feeds, ranges
+
+
+def cosines(m: ir.Model, feeds, ranges, exclude: tuple[str, ...]) -> tuple[float, float]:
+    """Mean and min output cosine of the model quantized with `exclude` in float, against float."""
+    reference = run_model(m, feeds)
+    figures = compare(reference, run_model(quantized(m, dataclasses.replace(OPTIONS, exclude=exclude), ranges), feeds))
+    return figures["cosine_mean"], figures["cosine_min"]
+
+
+def precisions(a: Assignment) -> dict[str, str]:
+    return {c.node: c.precision for c in a.choices}
+
+
+def test_budget_zero_quantizes_everything(setup):
+    m, feeds, ranges = setup
+    a = assign(m, OPTIONS, ranges, feeds, 0.0)
+    assert [c.node for c in a.choices] == NAMES  # graph order
+    assert precisions(a) == dict.fromkeys(NAMES, "int8")
+    assert a.exclude == () and a.budget == 0.0
+    assert {c.kind for c in a.choices} == {"linear"}
+    assert (a.cosine_mean, a.cosine_min) == pytest.approx(cosines(m, feeds, ranges, ()))
+    assert a.cosine_mean < 0.99  # the bad range hurts
+
+
+def test_full_budget_keeps_all_but_the_exact_op_in_float(setup):
+    m, feeds, ranges = setup
+    only_exact = quantized(m, dataclasses.replace(OPTIONS, exclude=("mid", "bad", "last")), ranges)
+    np.testing.assert_array_equal(run_model(only_exact, feeds)["y"], run_model(m, feeds)["y"])  # the premise
+    a = assign(m, OPTIONS, ranges, feeds, 1.0)
+    assert precisions(a) == {"exact": "int8", "mid": "fp32", "bad": "fp32", "last": "fp32"}
+    assert a.exclude == ("mid", "bad", "last")
+    assert a.cosine_mean == 1.0 and a.cosine_min == pytest.approx(1.0, abs=1e-12)
+    assert next(c for c in a.choices if c.node == "exact").sensitivity == 0.0
+
+
+def test_bit_identical_assignment_reports_cosine_min_one(setup):
+    m, feeds, ranges = setup
+    assert assign(m, OPTIONS, ranges, feeds, 1.0).cosine_min == 1.0
+
+
+def test_intermediate_budget_keeps_the_most_sensitive_op_in_float(setup):
+    m, feeds, ranges = setup
+    all_int8 = cosines(m, feeds, ranges, ())[0]
+    without_bad = cosines(m, feeds, ranges, (BAD,))[0]
+    assert all_int8 < without_bad < 1.0
+    budget = without_bad
+    a = assign(m, OPTIONS, ranges, feeds, budget)
+    assert a.exclude == (BAD,)
+    assert precisions(a) == {"exact": "int8", "mid": "int8", "bad": "fp32", "last": "int8"}
+    assert a.cosine_mean >= budget and a.budget == budget
+    assert (a.cosine_mean, a.cosine_min) == pytest.approx(cosines(m, feeds, ranges, a.exclude))
+    # Just above what keeping the bad op alone reaches, a second op must stay in float too.
+    stricter = assign(m, OPTIONS, ranges, feeds, (without_bad + 1.0) / 2)
+    assert BAD in stricter.exclude and len(stricter.exclude) >= 2
+    assert stricter.cosine_mean >= (without_bad + 1.0) / 2
+
+
+def test_sensitivity_is_the_error_of_the_op_quantized_alone(setup):
+    m, feeds, ranges = setup
+    a = assign(m, OPTIONS, ranges, feeds, 0.0)
+    sensitivity = {c.node: c.sensitivity for c in a.choices}
+    assert all(s >= 0 for s in sensitivity.values())
+    assert max(sensitivity, key=sensitivity.get) == BAD
+    assert sensitivity[BAD] > 10 * max(s for n, s in sensitivity.items() if n != BAD)
+    others = tuple(n for n in NAMES if n != BAD)
+    assert sensitivity[BAD] == pytest.approx(1 - cosines(m, feeds, ranges, others)[0])
+
+
+def test_ops_the_user_excluded_are_no_choice(setup):
+    m, feeds, ranges = setup
+    options = dataclasses.replace(OPTIONS, exclude=(BAD,))
+    a = assign(m, options, ranges, feeds, 0.0)
+    assert [c.node for c in a.choices] == ["exact", "mid", "last"]
+    assert a.exclude == ()  # the compile adds the user's own exclude to these
+    assert a.cosine_mean > 0.99
+
+
+def test_progress_is_reported(setup):
+    m, feeds, ranges = setup
+    calls = []
+    a = assign(m, OPTIONS, ranges, feeds, 0.5, progress=lambda done, total, message: calls.append((done, total, message)))
+    measuring = [(d, t) for d, t, msg in calls if msg == "measuring sensitivity"]
+    assert measuring == [(i, len(NAMES)) for i in range(len(NAMES) + 1)]
+    choosing = [(d, t) for d, t, msg in calls if msg == "choosing precisions"]
+    assert choosing and all(1 <= d <= t for d, t in choosing)
+    assert {msg for _, _, msg in calls} == {"measuring sensitivity", "choosing precisions"}
+    assert a.exclude == ()
