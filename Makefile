@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: setup demo test bench bench-fusion bench-attention clean
+.PHONY: setup demo test bench bench-fusion bench-attention bench-int8 clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench: setup
 # edgec's x86-64 compile against onnxruntime's own transformer optimizer, on both MiniLM exports.
 bench-fusion: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_fusion.py
+
+# MiniLM int8: onnxruntime's quantize_static / quantize_dynamic against edgec int8 and mixed.
+bench-int8: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_int8.py
 
 # Cost curve and error of sliding-window and linear attention at 128-2048 tokens.
 bench-attention: setup
