@@ -57,11 +57,17 @@ def _score(model: ir.Model, feeds, reference) -> tuple[float, float]:
 
 
 def assign(model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tuple[float, float]],
-           feeds: Mapping[str, np.ndarray], budget: float, *, progress: Progress | None = None) -> Assignment:
-    """The assignment with the fewest float ops whose mean output cosine on `feeds` is at least `budget`."""
+           feeds: Mapping[str, np.ndarray], budget: float, *, progress: Progress | None = None,
+           sensitivity_samples: int = 8) -> Assignment:
+    """The assignment with the fewest float ops whose mean output cosine on `feeds` is at least `budget`.
+
+    Sensitivities only rank the ops, so they are measured on the first `sensitivity_samples` samples
+    (one run per op); the budget is checked on all of `feeds`."""
     report = progress or (lambda done, total, message: None)
     eir.name_nodes(model)  # ops are told apart, and kept in float, by name
     reference = run_session(ort_session(model), feeds)
+    few = {k: v[:sensitivity_samples] for k, v in feeds.items()}
+    few_reference = run_session(ort_session(model), few)
     rewrites, _ = _plan(model, options)
     names = [r.node.name for r in rewrites]
     kinds = {r.node.name: r.kind for r in rewrites}
@@ -69,7 +75,7 @@ def assign(model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tupl
     for i, name in enumerate(names):
         report(i, len(names), "measuring sensitivity")
         alone = dataclasses.replace(options, exclude=tuple(options.exclude) + tuple(n for n in names if n != name))
-        sensitivity[name] = 1.0 - _score(quantized(model, alone, ranges), feeds, reference)[0]
+        sensitivity[name] = max(0.0, 1.0 - _score(quantized(model, alone, ranges), few, few_reference)[0])
     report(len(names), len(names), "measuring sensitivity")
     order = sorted(names, key=lambda n: (-sensitivity[n], names.index(n)))
 

@@ -119,7 +119,17 @@ def test_sensitivity_is_the_error_of_the_op_quantized_alone(setup):
     assert max(sensitivity, key=sensitivity.get) == BAD
     assert sensitivity[BAD] > 10 * max(s for n, s in sensitivity.items() if n != BAD)
     others = tuple(n for n in NAMES if n != BAD)
-    assert sensitivity[BAD] == pytest.approx(1 - cosines(m, feeds, ranges, others)[0])
+    assert sensitivity[BAD] == pytest.approx(1 - cosines(m, {k: v[:8] for k, v in feeds.items()}, ranges, others)[0])
+
+
+def test_sensitivities_are_measured_on_the_first_samples_only(setup):
+    m, feeds, ranges = setup
+    samples = min(len(v) for v in feeds.values())
+    assert samples > 2
+    few = assign(m, OPTIONS, ranges, feeds, 0.0, sensitivity_samples=2)
+    others = tuple(n for n in NAMES if n != BAD)
+    bad = next(c for c in few.choices if c.node == BAD)
+    assert bad.sensitivity == pytest.approx(1 - cosines(m, {k: v[:2] for k, v in feeds.items()}, ranges, others)[0])
 
 
 def test_ops_the_user_excluded_are_no_choice(setup):
