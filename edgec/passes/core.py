@@ -109,6 +109,8 @@ class Pass:
         result = self.run(model, ctx)
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {self.name} returned {type(result).__name__}, not PassResult")
+        if result.modified:  # whoever calls the pass, analyses it did not preserve are stale now
+            ctx.analyses.invalidate(self.preserves)
         return result
 
     @classmethod

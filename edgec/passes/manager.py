@@ -121,8 +121,6 @@ class PassManager:
         out: PassResult = pass_(model, ctx)
         seconds = time.perf_counter() - start
         result.model = out.model
-        if out.modified:
-            ctx.analyses.invalidate(pass_.preserves)
         record = PassRecord(pass_.name, pass_.spec(), out.modified, dict(out.stats), seconds, before, eir.node_count(out.model))
         result.records.append(record)
         for inst in ctx.instruments:

@@ -63,5 +63,4 @@ class FuseBiasGeluPass(Pass):
         fused_count = stats["bias_gelus_fused"] + stats["fast_gelus_fused"]
         if fused_count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            ctx.analyses.invalidate(self.preserves)  # stale now, also for callers without a PassManager
         return PassResult(model, fused_count > 0, stats)

@@ -93,6 +93,4 @@ class FuseGeluPass(Pass):
             values[activation.output] = gelu.outputs[0]  # a later match may read it by that name
             stats["tanh_gelus_fused" if approximate == "tanh" else "erf_gelus_fused"] += 1
         fused = stats["erf_gelus_fused"] + stats["tanh_gelus_fused"]
-        if fused:
-            ctx.analyses.invalidate(self.preserves)  # stale now, also for callers without a PassManager
         return PassResult(model, fused > 0, stats)

@@ -156,6 +156,4 @@ class FuseLayerNormPass(Pass):
             take_over(out, fused.outputs[0])
             values[norm.output] = fused.outputs[0]  # a later match may read it by that name
             stats["layer_norms_fused"] += 1
-        if stats["layer_norms_fused"]:
-            ctx.analyses.invalidate(self.preserves)  # stale now, also for callers without a PassManager
         return PassResult(model, stats["layer_norms_fused"] > 0, stats)

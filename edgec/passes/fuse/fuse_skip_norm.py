@@ -191,5 +191,4 @@ class FuseSkipNormPass(Pass):
         fused = stats["skip_layer_norms"] + stats["skip_rms_norms"]
         if fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            ctx.analyses.invalidate(self.preserves)  # stale now, also for callers without a PassManager
         return PassResult(model, fused > 0, stats)
