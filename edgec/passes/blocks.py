@@ -115,6 +115,21 @@ def bias_value(b: Builder, values: dict[str, ir.Value], p: Projection) -> ir.Val
     return b.derived(("bias", p.bias, p.columns, str(dtype)), lambda: bias(values, p, dtype))
 
 
+def packed_weight(b: Builder, values: dict[str, ir.Value], parts: tuple[Projection, ...]) -> ir.Value:
+    """The projections' weights side by side, [in, sum of widths]: one GEMM instead of several."""
+    dtype = b.dtype.numpy()
+    key = tuple((p.weight, p.columns, p.weight_transposed) for p in parts)
+    return b.derived(("packed-weight", str(dtype)) + key, lambda: np.concatenate([weight(values, p, dtype) for p in parts], axis=1))
+
+
+def packed_bias(b: Builder, values: dict[str, ir.Value], parts: tuple[Projection, ...]) -> ir.Value:
+    """The projections' biases end to end (zeros for a projection without one)."""
+    dtype = b.dtype.numpy()
+    key = tuple((p.bias, p.columns, p.width) for p in parts)
+    return b.derived(("packed-bias", str(dtype)) + key, lambda: np.concatenate(
+        [bias(values, p, dtype) if p.bias else np.zeros(p.width, dtype) for p in parts]))
+
+
 def project(b: Builder, x: ir.Value, p: Projection, values: dict[str, ir.Value]) -> ir.Value:
     y = b.op("MatMul", x, weight_value(b, values, p))
     bias_in = bias_value(b, values, p)

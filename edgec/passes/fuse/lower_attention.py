@@ -21,13 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
 
 from edgec.analysis.attention import AttentionBlock, _values_by_name
 from edgec.passes.blocks import (
-    FORM_KEY, Builder, additive_mask, bias, builder, built_form, exact_core, heads_qkv, merge_heads, project,
-    replace_output, trusted_blocks, weight,
+    FORM_KEY, Builder, additive_mask, builder, built_form, exact_core, heads_qkv, merge_heads, packed_bias, packed_weight,
+    project, replace_output, trusted_blocks,
 )
 from edgec.passes.core import Pass, PassContext, PassResult
 
@@ -92,13 +91,8 @@ def _onnxruntime(b: Builder, block: AttentionBlock, values: dict[str, ir.Value],
     width = block.heads * block.head_dim
     attention_bias = _bias_4d(b, block, values, masks)
     if packable(block) is None:
-        dtype = b.dtype.numpy()
         parts = (block.q, block.k, block.v)
-        key = tuple((p.weight, p.columns, p.weight_transposed, p.bias) for p in parts)
-        packed = b.derived(("qkv",) + key, lambda: np.concatenate([weight(values, p, dtype) for p in parts], axis=1))
-        packed_bias = b.derived(("qkv-bias",) + key, lambda: np.concatenate(
-            [bias(values, p, dtype) if p.bias else np.zeros(p.width, dtype) for p in parts]))
-        inputs = [x, packed, packed_bias] + ([None, None, attention_bias] if attention_bias is not None else [])
+        inputs = [x, packed_weight(b, values, parts), packed_bias(b, values, parts)] + ([None, None, attention_bias] if attention_bias is not None else [])
         attended = b.op("Attention", *inputs, domain=MS_DOMAIN, num_heads=block.heads, scale=block.scale,
                         meta={FORM_KEY: "onnxruntime"})
     else:

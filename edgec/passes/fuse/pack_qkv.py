@@ -8,11 +8,10 @@ different inputs (cross attention, MobileBERT's bottleneck) or are already packe
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from edgec.analysis.attention import AttentionBlock, Projection, _values_by_name
-from edgec.passes.blocks import Builder, bias, trusted_blocks, weight
+from edgec.passes.blocks import Builder, packed_bias, packed_weight, trusted_blocks
 from edgec.passes.cleanup._util import is_onnx_op, remove_dead
 from edgec.passes.core import Pass, PassContext, PassResult
 
@@ -69,14 +68,9 @@ class PackQkvPass(Pass):
         first = min((nodes[p.node] for p in parts), key=lambda n: model.graph.index(n))
         x = values[block.q.input]
         b = Builder(model, first, x.dtype, cache)
-        dtype = x.dtype.numpy()
-        key = tuple((p.weight, p.weight_transposed, p.bias) for p in parts)
-        packed = b.derived(("qkv",) + key, lambda: np.concatenate([weight(values, p, dtype) for p in parts], axis=1))
-        y = b.op("MatMul", x, packed)
+        y = b.op("MatMul", x, packed_weight(b, values, parts))
         if any(p.bias for p in parts):
-            packed_bias = b.derived(("qkv-bias",) + key, lambda: np.concatenate(
-                [bias(values, p, dtype) if p.bias else np.zeros(p.width, dtype) for p in parts]))
-            y = b.op("Add", y, packed_bias)
+            y = b.op("Add", y, packed_bias(b, values, parts))
         split = b.op("Split", y, b.ints(*(p.width for p in parts)), axis=-1, outputs=3)
         for old, new in zip(outputs, split):
             if old.shape is not None:
