@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from edgec.errors import UserError  # noqa: E402
+from edgec.report import write_npz  # noqa: E402
 
 LABELS = {"__label__neg": 0, "__label__pos": 1}
 
@@ -87,16 +87,7 @@ def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, np.ndarray]
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (not mkstemp: it would make the file owner-only).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz(path, arrays)
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
     print(f"wrote {path}: {shapes}")
 

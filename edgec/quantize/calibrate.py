@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ import onnx_ir as ir
 
 from edgec import ir as eir
 from edgec import verify
+from edgec.report import write_npz
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -127,7 +127,7 @@ class Calibration:
             arrays[f"e{i}"] = st.edges
             if st.channel_absmax is not None:
                 arrays[f"c{i}"] = st.channel_absmax
-        return _write_npz(Path(path), arrays)
+        return write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
@@ -423,19 +423,6 @@ def _read_cache(path: Path, names: list[str]) -> Calibration | None:
         return None
     cached.from_cache = True
     return cached
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- ranges ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The compile report: one JSON file a person or a CI job can read, written atomically."""
+"""The compile report: one JSON file a person or a CI job can read, written atomically; and the same
+atomic write for arrays (.npz) that edgec and its tools keep."""
 
 from __future__ import annotations
 
@@ -43,5 +44,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return path
+
+
+def write_npz(path: str | os.PathLike, arrays: dict) -> Path:
+    """Writes `arrays` as one .npz, atomically: a unique name beside the target, then a rename (not
+    mkstemp, whose owner-only mode the file would keep)."""
+    import uuid
+
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return path

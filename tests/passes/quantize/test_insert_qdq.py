@@ -2,6 +2,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from quant_helpers import consts, text
 
 from edgec import ir as eir
 from edgec.errors import UserError
@@ -17,17 +18,6 @@ W = np.array([[1.27, -2.54, 0.635],
               [0.5, 1.0, -0.25],
               [-0.01, 0.02, 0.005],
               [0.0, -1.0, 0.3]], np.float32)
-
-
-def text(array: np.ndarray) -> str:
-    return ", ".join(str(v) for v in array.reshape(-1).tolist())
-
-
-def consts(m: ir.Model, **arrays: np.ndarray) -> ir.Model:
-    """Gives initializers exact contents (ONNX text rounds decimal floats its own way)."""
-    for name, array in arrays.items():
-        m.graph.initializers[name].const_value = ir.tensor(array)
-    return m
 
 
 def ctx_with(ranges: dict) -> PassContext:

@@ -1,6 +1,7 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
+from quant_helpers import consts
 
 from edgec import ir as eir
 from edgec.errors import UserError
@@ -28,17 +29,6 @@ W2 = np.array([[1.0, 3.0, -1.0, 0.5],
 ABSMAX = np.array([8.0, 0.5, 2.0, 30.0])  # channel 3 is the outlier
 ZEROS4 = "{0,0,0,0}"
 ZEROS16 = "{0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}"
-
-
-def text(array: np.ndarray) -> str:
-    return ", ".join(str(v) for v in array.reshape(-1).tolist())
-
-
-def consts(m: ir.Model, **arrays: np.ndarray) -> ir.Model:
-    """Gives initializers exact contents (ONNX text rounds decimal floats its own way)."""
-    for name, array in arrays.items():
-        m.graph.initializers[name].const_value = ir.tensor(array)
-    return m
 
 
 def ctx_with(absmax: dict) -> PassContext:
