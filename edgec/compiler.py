@@ -390,7 +390,11 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
         step(f"{message} {done}/{total}")
 
     cache = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
-    calibration = calibrate(model, tensors, feeds, progress=progress, cache_dir=cache / "calibration")
+    try:
+        calibration = calibrate(model, tensors, feeds, progress=progress, cache_dir=cache / "calibration")
+    except ValueError as exc:  # the data cannot be run as given (a fixed batch size it does not divide, ...)
+        raise UserError(f"calibration on {options.calib} failed: {_first_line(exc)}",
+                        "give --calib samples the model takes, in a count its batch size divides") from None
     ranges = calibration.ranges(options.calib_method, dtype=qdq.activations)
     ctx.options[RANGES_KEY] = ranges
     layers = assignment = None
