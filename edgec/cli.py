@@ -42,8 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inputs", type=Path, help="verification inputs: .npz keyed by input name, batch first")
     c.add_argument("--calib", type=Path, help="calibration data (.npz) for int8/mixed and approximate passes")
     c.add_argument("--calib-method", default="minmax", help="activation ranges: minmax | percentile | entropy | mse")
-    c.add_argument("--accuracy-budget", type=float, default=0.999,
-                   help="mixed: least mean output cosine to the float model (default 0.999)")
+    c.add_argument("--smooth", choices=("auto", "off"), default="auto",
+                   help="int8/mixed: SmoothQuant, each activation's strength chosen by measured error (default auto)")
+    c.add_argument("--accuracy-budget", type=float, default=None,
+                   help="mixed: with --metric cosine the least mean output cosine to the float model (default 0.999); "
+                        "with top1 the most accuracy drop as a fraction (default 0.01)")
+    c.add_argument("--eval", type=Path, help="mixed: data the budget is checked on (.npz; 'labels' for top1); default: --calib")
+    c.add_argument("--metric", default="cosine", help="mixed: cosine | top1 (first output's argmax against --eval labels)")
+    c.add_argument("--shape", action="append", metavar="NAME=DIMS",
+                   help="static input shape, e.g. input_ids=1x128 (repeat or comma-separate); TFLite needs static "
+                        "shapes and otherwise takes batch 1 and the --inputs' other dims")
     c.add_argument("--pipeline", help="pass pipeline text; default: the target's pipeline")
     c.add_argument("--backend", help="backend to emit for; default: the target's first available one")
     c.add_argument("--tolerance", help="widen/narrow verification, e.g. min_cosine=0.999,min_sqnr_db=30")

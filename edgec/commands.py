@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from edgec import ir as eir
@@ -36,7 +37,7 @@ def _status(message: str):
 
 # ---------------------------------------------------------------------------------------------- compile
 def cmd_compile(args) -> int:
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.compiler import CompileOptions, compile_model, parse_shapes
 
     options = CompileOptions(
         target=args.target,
@@ -46,6 +47,10 @@ def cmd_compile(args) -> int:
         calib=args.calib,
         calib_method=args.calib_method,
         accuracy_budget=args.accuracy_budget,
+        eval=args.eval,
+        metric=args.metric,
+        shapes=parse_shapes(args.shape),
+        smooth=args.smooth != "off",
         pipeline=args.pipeline,
         backend=args.backend,
         tolerance=args.tolerance,
@@ -86,8 +91,12 @@ def _pass_table(rows: list[dict], title: str) -> Table:
 def _precision_table(quantization: dict) -> Table:
     """Mixed precision: each quantizable op, its sensitivity and the precision it got, most sensitive first."""
     a = quantization["assignment"]
-    title = (f"precision per op: {a['float_ops']} kept in float, {a['int8_ops']} int8; mean cosine {a['cosine_mean']:.5f} "
-             f"(budget {a['budget_cosine_mean']}) on {a['samples']} calibration samples")
+    if a["metric"] == "top1":
+        met = f"top-1 {a['value']:.4f} (float {a['float_value']:.4f}, budget: lose at most {a['budget']})"
+    else:
+        met = f"mean cosine {a['value']:.5f} (budget {a['budget']})"
+    title = (f"precision per op: {a['float_ops']} kept in float, {a['int8_ops']} int8; {met} "
+             f"on {a['samples']} samples of {a['data']}")
     table = Table(title=title, show_edge=False)
     for col in ("op", "kind", "sensitivity (1 - cosine, alone)", "precision"):
         table.add_column(col, justify="right" if col.startswith("sensitivity") else "left")
@@ -108,6 +117,13 @@ def _print_compile(report: dict, console) -> None:
     summary.add_column()
     summary.add_row("nodes", f"{s['original_nodes']} -> {s['final_nodes']}")
     summary.add_row("size", f"{_fmt_bytes(s['original_bytes'])} -> {_fmt_bytes(s['artifact_bytes'])}")
+    smoothing = (quantization or {}).get("smoothing")
+    if smoothing and smoothing["activations"]:
+        rows = smoothing["activations"]
+        alphas = sorted(r["alpha"] for r in rows if r["alpha"] is not None)
+        span = f", alpha {alphas[0]}-{alphas[-1]}" if alphas else ""
+        summary.add_row("smoothing", f"{smoothing['smoothed']} of {len(rows)} activations{span}; int8 error of their MatMuls "
+                        f"{np.mean([r['error_before'] for r in rows]):.2e} -> {np.mean([r['error_after'] for r in rows]):.2e} (mean)")
     summary.add_row(
         "verification",
         f"cosine mean {v['cosine_mean']:.7f} min {v['cosine_min']:.7f}, SQNR {v['sqnr_db']:.1f} dB, "

@@ -48,7 +48,15 @@ class CompileOptions:
     backend: str | None = None
     tolerance: str | None = None
     calib_method: str = "minmax"
-    accuracy_budget: float = 0.999  # mixed: the least mean output cosine to the float model
+    # mixed: the budget on `metric` (cosine: least mean output cosine, default 0.999; top1: most
+    # top-1 accuracy drop as a fraction, default 0.01), checked on `eval` (default: the calibration data)
+    accuracy_budget: float | None = None
+    eval: Path | None = None
+    metric: str = "cosine"
+    # Static input shapes (name -> dims). Backends without dynamic shapes (TFLite) get the rest from
+    # the verification inputs: batch 1, their other dims.
+    shapes: dict[str, tuple[int, ...]] | None = None
+    smooth: bool = True  # int8/mixed: SmoothQuant with each activation's alpha chosen by measured error
     cache_dir: Path | None = None  # calibration statistics; default: $EDGEC_CACHE_DIR or ~/.cache/edgec
     exporter: str = "dynamo"
     debug_counter: str | None = None
@@ -187,6 +195,10 @@ def compile_model(
     tolerance = parse_tolerance(options.tolerance, options.precision)
     verify_data = options.calib if approximate and options.calib is not None else options.inputs
     quantizing = options.precision in QUANTIZED
+    evaluation_check(options)
+    if options.shapes and backend.dynamic_shapes:
+        raise UserError(f"backend {backend.name} keeps the model's dynamic shapes; --shape is for backends that need static ones",
+                        "drop --shape, or pick such a backend (e.g. --backend tflite)")
     if quantizing and options.calib_method not in CALIBRATION_METHODS:
         raise UserError(f"unknown calibration method {options.calib_method!r}", f"choose one of: {', '.join(CALIBRATION_METHODS)}")
     if options.dump_ir is not None:
@@ -204,6 +216,7 @@ def compile_model(
         # The source's files were listed for the output check; an export's are listed now.
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
         calib_feeds = _calibration_feeds(options.calib, model) if quantizing else None
+        evaluation = _evaluation(options, model) if options.eval is not None else None
         if verify_data is not None:
             feeds = load_inputs(verify_data, model)
             inputs_source = str(verify_data)
@@ -241,6 +254,10 @@ def compile_model(
             if output_name is not None:
                 export_check = compare(run_hf_folder(source_path, feeds, output_name), reference, token_mask(feeds))
         t = mark("reference", t)
+        static_shapes = None
+        if not backend.dynamic_shapes and (options.shapes or _has_dynamic_dims(model)):
+            static_shapes = _specialize(model, options.shapes or {}, feeds)
+            alt = None  # the artifact takes one shape
 
         instruments: list[Instrument] = [Progress(step)]
         if options.verify_each:
@@ -259,7 +276,7 @@ def compile_model(
         t = mark("passes", t)
         quantization = None
         if quantizing:
-            quantization = _quantize(model, backend, target, ctx, calib_feeds, options, step, result)
+            quantization = _quantize(model, backend, target, ctx, calib_feeds, options, step, result, evaluation)
             t = mark("quantize", t)
         eir.verify(model)
 
@@ -346,11 +363,57 @@ def compile_model(
             "original_nodes": original_nodes,
             "final_nodes": eir.node_count(model),
         },
+        "static_shapes": static_shapes,
         "notes": notes + [f"{group} was still changing after {MAX_FIXPOINT_ROUNDS} rounds" for group in result.unsettled],
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 4)},
     }
     report_path = write_json(outdir / "report.json", report)
     return CompileResult(artifact if not failures else None, report, report_path, not failures, failures)
+
+
+DEFAULT_BUDGETS = {"cosine": 0.999, "top1": 0.01}
+
+
+def evaluation_check(options: CompileOptions) -> None:
+    """The mixed-precision budget options, checked before anything runs."""
+    from edgec.quantize.mixed import METRICS
+
+    if options.metric not in METRICS:
+        raise UserError(f"unknown metric {options.metric!r}", f"choose one of: {', '.join(METRICS)}")
+    if options.precision != "mixed" and (options.eval is not None or options.metric != "cosine"
+                                         or options.accuracy_budget is not None):
+        raise UserError("--accuracy-budget, --eval and --metric choose mixed precision",
+                        "compile with --precision mixed, or drop them")
+    if options.metric == "top1" and options.eval is None:
+        raise UserError("--metric top1 needs labelled data", "pass --eval DATA.npz with the model inputs and an array 'labels'")
+    budget = options.accuracy_budget
+    if budget is None:
+        return
+    if options.metric == "cosine" and not 0.0 < budget <= 1.0:
+        raise UserError(f"--accuracy-budget {budget} is not a cosine", "give the least mean output cosine, e.g. 0.999")
+    if options.metric == "top1" and not 0.0 <= budget < 1.0:
+        raise UserError(f"--accuracy-budget {budget} is not a top-1 drop",
+                        "give the most accuracy the model may lose as a fraction, e.g. 0.01 for one point")
+
+
+def _evaluation(options: CompileOptions, model):
+    """--eval data (inputs, and labels for top1), checked."""
+    import numpy as np
+
+    from edgec.quantize.mixed import Evaluation
+
+    feeds = load_inputs(options.eval, model)
+    labels = None
+    if options.metric == "top1":
+        with np.load(options.eval, allow_pickle=False) as data:
+            if "labels" not in data.files:
+                raise UserError(f"{options.eval} has no array 'labels'", "add the label of each sample: numpy.savez(..., labels=...)")
+            labels = data["labels"]
+        samples = min(len(v) for v in feeds.values())
+        if labels.shape != (samples,) or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"labels in {options.eval} are {labels.dtype}{list(labels.shape)}, not {samples} integer classes",
+                            "give one integer class per sample")
+    return Evaluation(feeds, options.metric, labels)
 
 
 def _calibration_feeds(path: Path, model) -> dict:
@@ -375,19 +438,21 @@ def default_cache_dir() -> Path:
 
 
 def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: dict, options: CompileOptions,
-              step: Callable[[str], None], result) -> dict:
+              step: Callable[[str], None], result, evaluation=None) -> dict:
     """Calibrates the float model on `feeds`, then inserts QDQ by the backend's scheme for the target."""
     from edgec.passes.quantize.insert_qdq import RANGES_KEY, InsertQdqOptions, InsertQdqPass, quantizable_activations
     from edgec.quantize.calibrate import calibrate
 
     qdq = InsertQdqOptions(**backend.quantization(target))
-    tensors = quantizable_activations(model, qdq)
     progress_shown = {"cache": "miss"}
 
     def progress(done: int, total: int, message: str) -> None:
         if "cache" in message:
             progress_shown["cache"] = "hit"
         step(f"{message} {done}/{total}")
+
+    smoothing = _smooth(model, qdq, ctx, feeds, progress, result) if options.smooth else None
+    tensors = quantizable_activations(model, qdq)
 
     cache = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
     try:
@@ -402,18 +467,29 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
         from edgec.quantize.mixed import assign
 
         subset = {k: v[:MIXED_SAMPLES] for k, v in feeds.items()}
-        chosen = assign(model, qdq, ranges, subset, options.accuracy_budget,
+        budget = options.accuracy_budget if options.accuracy_budget is not None else DEFAULT_BUDGETS[options.metric]
+        if evaluation is not None and evaluation.metric == "top1":
+            logits = run_session(ort_session(model), {k: v[:1] for k, v in evaluation.feeds.items()})
+            first = next(iter(logits.values()))
+            if first.ndim != 2:
+                raise UserError(f"--metric top1 needs a model whose first output is [batch, classes] logits, "
+                                f"not {list(first.shape)}", "use --metric cosine for this model")
+        chosen = assign(model, qdq, ranges, subset, budget, evaluation=evaluation,
                         progress=lambda done, total, message: step(f"{message} {done}/{total}"))
         qdq = dataclasses.replace(qdq, exclude=qdq.exclude + chosen.exclude)
         layers = [dataclasses.asdict(c) for c in chosen.choices]
-        assignment = {"budget_cosine_mean": chosen.budget, "cosine_mean": chosen.cosine_mean,
-                      "cosine_min": chosen.cosine_min, "samples": min(len(v) for v in subset.values()),
+        checked_on = evaluation.feeds if evaluation is not None else subset
+        assignment = {"metric": chosen.metric, "budget": chosen.budget, "value": chosen.value,
+                      "float_value": chosen.float_value, "cosine_mean": chosen.cosine_mean, "cosine_min": chosen.cosine_min,
+                      "data": str(options.eval) if evaluation is not None else f"{options.calib} (calibration)",
+                      "samples": min(len(v) for v in checked_on.values()),
                       "float_ops": len(chosen.exclude), "int8_ops": len(chosen.choices) - len(chosen.exclude)}
     quantized = PassManager([InsertQdqPass(qdq)], ctx).run(model)
     result.records.extend(quantized.records)
     return {
         "assignment": assignment,
         "layers": layers,
+        "smoothing": smoothing,
         "scheme": {"weights": f"{qdq.weights} symmetric" + (" per-channel" if qdq.per_channel else ""),
                    "activations": qdq.activations, "attention": qdq.attention, "embeddings": qdq.embeddings},
         "calibration": {"data": str(options.calib), "samples": calibration.samples, "method": options.calib_method,
@@ -421,9 +497,66 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
     }
 
 
+def _smooth(model, qdq, ctx: PassContext, feeds: dict, progress, result) -> dict:
+    """Smooths (in place) the activations whose quantized MatMuls measurably gain from it, each with
+    its own alpha; returns the report's table."""
+    from edgec.passes.quantize.smooth_quant import CHANNEL_ABSMAX_KEY, SMOOTH_ALPHAS_KEY, SmoothQuantPass
+    from edgec.quantize.smoothing import choose
+
+    found = choose(model, feeds, scheme=qdq.activations, per_channel=qdq.per_channel, progress=progress)
+    if found.alphas:
+        ctx.options[CHANNEL_ABSMAX_KEY] = found.channel_absmax
+        ctx.options[SMOOTH_ALPHAS_KEY] = found.alphas
+        result.records.extend(PassManager([SmoothQuantPass()], ctx).run(model).records)
+    return {
+        "samples": found.samples,
+        "rows": found.rows,
+        "smoothed": len(found.alphas),
+        "activations": [dataclasses.asdict(c) for c in found.choices],
+    }
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """`--shape input_ids=1x128` (repeated, or comma-separated) -> {"input_ids": (1, 128)}."""
+    if not items:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in (part.strip() for text in items for part in text.split(",") if part.strip()):
+        name, _, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not name or not shape or any(d < 1 for d in shape):
+            raise UserError(f"--shape {item!r} is not NAME=DIMS", "write e.g. --shape input_ids=1x128 (dims at least 1)")
+        shapes[name] = shape
+    return shapes
+
+
+def _specialize(model, requested: dict[str, tuple[int, ...]], feeds: dict) -> dict[str, list[int]]:
+    """Fixes the model's input shapes: `requested` ones as given, other dynamic ones at batch 1 and
+    the verification inputs' other dims. Returns what every input got."""
+    from edgec.analysis.shapes import specialize_inputs
+    from edgec.verify.inputs import graph_inputs
+
+    shapes = {}
+    for value in graph_inputs(model):
+        if value.name in requested:
+            shapes[value.name] = requested[value.name]
+        elif value.shape is not None and any(not isinstance(d, int) for d in value.shape):
+            given = feeds[value.name].shape
+            shapes[value.name] = tuple(d if isinstance(d, int) else (1 if axis == 0 else given[axis])
+                                       for axis, d in enumerate(value.shape))
+    try:
+        specialize_inputs(model, shapes)
+    except ValueError as exc:
+        raise UserError(f"--shape does not fit the model: {exc}", "give each input's full shape, e.g. --shape input_ids=1x128") from None
+    return {name: list(dims) for name, dims in shapes.items()}
 
 
 def _has_dynamic_dims(model) -> bool:

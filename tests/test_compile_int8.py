@@ -40,11 +40,27 @@ def test_int8_compile_writes_a_qdq_model_that_onnxruntime_runs(zoo_model, tmp_pa
     stats = next(r["stats"] for r in result.report["passes"] if r["pass"] == "insert-qdq")
     assert stats["attention_matmuls"] == 4 and stats["embeddings_quantized"] == 3
     assert result.report["sizes"]["artifact_bytes"] < result.report["sizes"]["original_bytes"]
+    # Smoothing was measured for every LayerNorm/GELU/attention output read by MatMuls; the ones it
+    # helps are smoothed by the smooth-quant pass, each with its alpha.
+    smoothing = q["smoothing"]
+    assert len(smoothing["activations"]) == 2 * 4  # 2 layers: LayerNorm x2, GELU, attention output
+    chosen = [row for row in smoothing["activations"] if row["alpha"] is not None]
+    assert smoothing["smoothed"] == len(chosen) and all(row["error_after"] < row["error_before"] for row in chosen)
+    smooth_runs = [r for r in result.report["passes"] if r["pass"] == "smooth-quant"]
+    assert (smooth_runs[0]["stats"]["activations_smoothed"] if smooth_runs else 0) == len(chosen)
     # A second compile reads the calibration statistics from the cache.
     again = compile_model(source, CompileOptions(target="x86-64", outdir=tmp_path / "again", cache_dir=tmp_path / "cache",
                                                  precision="int8", calib=calib, calib_method="mse"))
     assert again.report["quantization"]["calibration"]["cache"] == "hit"
     assert json.loads(again.report_path.read_text())["quantization"]["calibration"]["method"] == "mse"
+
+
+def test_smoothing_can_be_turned_off(zoo_model, tmp_path):
+    result = compile_model(zoo_model("bert", "dynamo"), _options(tmp_path, precision="int8", calib=_calibration(tmp_path), smooth=False))
+    assert result.passed, result.failures
+    assert result.report["quantization"]["smoothing"] is None
+    assert not any(r["pass"] == "smooth-quant" for r in result.report["passes"])
+    assert not any(n.op_type == "Mul" and "edgec.smooth_quant" in n.metadata_props for n in load_onnx(result.artifact.path).graph)
 
 
 def test_mixed_compile_meets_its_budget_and_explains_the_choice(zoo_model, tmp_path):
@@ -60,6 +76,78 @@ def test_mixed_compile_meets_its_budget_and_explains_the_choice(zoo_model, tmp_p
     # The ops kept in float are the most sensitive ones.
     if floats and ints:
         assert min(r["sensitivity"] for r in floats) >= max(r["sensitivity"] for r in ints)
+
+
+def _classifier(tmp_path):
+    """A 4-class classifier of 8 features (two MatMuls), its calibration data, and labelled
+    evaluation data whose labels are the float model's own answers on a margin that int8 can flip."""
+    from edgec import ir as eir
+    from edgec.testing import graph
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(3)
+    zeros = lambda n: "{" + ",".join(["0"] * n) + "}"  # noqa: E731
+    m = graph("g (float[N,8] x) => (float[N,4] logits)", "h = MatMul(x, w1)\n logits = MatMul(h, w2)",
+              f"float[8,16] w1 = {zeros(128)}, float[16,4] w2 = {zeros(64)}")
+    m.graph.initializers["w1"].const_value = ir.tensor(rng.standard_normal((8, 16)).astype(np.float32))
+    m.graph.initializers["w2"].const_value = ir.tensor(rng.standard_normal((16, 4)).astype(np.float32))
+    path = eir.save(m, tmp_path / "classifier.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    labels = np.argmax(run_model(path, {"x": x})["logits"], axis=-1)
+    np.savez(tmp_path / "eval.npz", x=x, labels=labels)
+    return path, tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+def test_mixed_top1_budget_is_checked_on_the_labelled_data(tmp_path):
+    source, calib, evaluation = _classifier(tmp_path)
+    result = compile_model(source, _options(tmp_path, precision="mixed", calib=calib, eval=evaluation, metric="top1",
+                                            accuracy_budget=0.0))
+    assert result.passed, result.failures
+    a = result.report["quantization"]["assignment"]
+    assert a["metric"] == "top1" and a["budget"] == 0.0 and a["samples"] == 200 and a["data"] == str(evaluation)
+    assert a["float_value"] == 1.0 and a["value"] == 1.0  # lose nothing: the labels are the float answers
+    # The artifact computes that: every label kept.
+    x, labels = (np.load(evaluation)[k] for k in ("x", "labels"))
+    out = run_model(result.artifact.path, {"x": x})["logits"]
+    assert np.mean(np.argmax(out, axis=-1) == labels) == 1.0
+    # A generous budget quantizes everything.
+    loose = compile_model(source, CompileOptions(target="x86-64", outdir=tmp_path / "loose", cache_dir=tmp_path / "cache",
+                                                 precision="mixed", calib=calib, eval=evaluation, metric="top1",
+                                                 accuracy_budget=0.5))
+    assert loose.report["quantization"]["assignment"]["float_ops"] == 0
+    assert loose.report["quantization"]["assignment"]["value"] < 1.0  # all-int8 flips labels: the strict budget mattered
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(precision="mixed", metric="top5"), ["unknown metric", "top1"]),
+    (dict(precision="mixed", metric="top1"), ["needs labelled data", "--eval"]),
+    (dict(precision="int8", accuracy_budget=0.99), ["choose mixed precision", "--precision mixed"]),
+    (dict(precision="mixed", accuracy_budget=1.5), ["not a cosine", "0.999"]),
+    (dict(precision="mixed", metric="top1", accuracy_budget=1.0, eval="eval.npz"), ["not a top-1 drop", "0.01"]),
+])
+def test_bad_budget_options_are_refused_before_anything_runs(zoo_model, tmp_path, kwargs, words):
+    if "eval" in kwargs:
+        kwargs["eval"] = tmp_path / kwargs["eval"]
+    with pytest.raises(UserError) as err:
+        compile_model(zoo_model("bert", "dynamo"), _options(tmp_path, calib=_calibration(tmp_path), **kwargs))
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_top1_needs_labels_and_a_classifier(zoo_model, tmp_path):
+    source, calib, evaluation = _classifier(tmp_path)
+    np.savez(tmp_path / "unlabelled.npz", x=np.load(evaluation)["x"])
+    with pytest.raises(UserError, match="no array 'labels'"):
+        compile_model(source, _options(tmp_path, precision="mixed", calib=calib, eval=tmp_path / "unlabelled.npz", metric="top1"))
+    np.savez(tmp_path / "short.npz", x=np.load(evaluation)["x"], labels=np.zeros(3, np.int64))
+    with pytest.raises(UserError, match="not 200 integer classes"):
+        compile_model(source, _options(tmp_path, precision="mixed", calib=calib, eval=tmp_path / "short.npz", metric="top1"))
+    # A model whose output is not [batch, classes] has no top-1.
+    tokens = _calibration(tmp_path, name="tokens.npz")
+    np.savez(tmp_path / "tokens_labelled.npz", **dict(np.load(tokens)), labels=np.zeros(16, np.int64))
+    with pytest.raises(UserError, match=r"\[batch, classes\]"):
+        compile_model(zoo_model("bert", "dynamo"), _options(tmp_path, precision="mixed", calib=tokens,
+                                                            eval=tmp_path / "tokens_labelled.npz", metric="top1"))
 
 
 @pytest.mark.parametrize("kwargs, words", [

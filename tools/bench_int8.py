@@ -125,6 +125,14 @@ class CalibReader:
         self._it = iter(self.batches)
 
 
+@contextlib.contextmanager
+def scratch_cwd(prefix: str):
+    """onnxruntime's quantization tools leave models' weights (<uuid>.data) in the working folder:
+    they run in a scratch one (paths given to them must be absolute)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch, contextlib.chdir(scratch):
+        yield
+
+
 def ort_preprocess(exporter: str, source: Path, folder: Path) -> tuple[Path, str]:
     """onnxruntime's recommended step before quantizing (shape inference + its basic optimizations) and
     what was done. When symbolic shape inference fails, onnxruntime's own remedies are tried in turn:
@@ -137,7 +145,8 @@ def ort_preprocess(exporter: str, source: Path, folder: Path) -> tuple[Path, str
         for options in ({}, {"auto_merge": True}, {"skip_symbolic_shape": True}):
             described = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
             try:
-                quant_pre_process(str(source), str(dest), **options)
+                with scratch_cwd("ort-preprocess-"):
+                    quant_pre_process(str(source.resolve()), str(dest.resolve()), **options)
             except Exception as exc:  # noqa: BLE001 - reported in the output, the next remedy is tried
                 failures.append(f"with {described}: {_first_line(exc)}")
                 log(f"{exporter}: quant_pre_process failed {failures[-1]}")
@@ -156,8 +165,7 @@ def ort_static(exporter: str, source: Path, note: str, folder: Path, calib: dict
     with stage(f"{exporter}: onnxruntime quantize_static (defaults: QDQ, QInt8/QInt8, MinMax) on {len(calib['input_ids'])} "
                f"documents"):
         try:
-            # quantize_static leaves its calibration model's weights (<uuid>.data) in the working folder.
-            with tempfile.TemporaryDirectory(prefix="ort-static-") as scratch, contextlib.chdir(scratch):
+            with scratch_cwd("ort-static-"):
                 quantize_static(str(source.resolve()), str(dest.resolve()), CalibReader(calib, wanted))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's failure is a result of this benchmark
             return Model("ort-static", reason=f"quantize_static failed: {_first_line(exc)}")
@@ -170,14 +178,15 @@ def ort_dynamic(exporter: str, source: Path, note: str, folder: Path) -> Model:
     dest = folder / "ort-dynamic.onnx"
     with stage(f"{exporter}: onnxruntime quantize_dynamic (per-channel, QInt8 weights)"):
         try:
-            quantize_dynamic(str(source), str(dest), per_channel=True, weight_type=QuantType.QInt8)
+            with scratch_cwd("ort-dynamic-"):
+                quantize_dynamic(str(source.resolve()), str(dest.resolve()), per_channel=True, weight_type=QuantType.QInt8)
         except Exception as exc:  # noqa: BLE001
             return Model("ort-dynamic", reason=f"quantize_dynamic failed: {_first_line(exc)}")
     return Model("ort-dynamic", dest, notes=[note])
 
 
 def edgec_quantize(exporter: str, source: Path, folder: Path, precision: str, tolerance: str, data: dict,
-                   budget: float = 0.999) -> Model:
+                   budget: float | None = None) -> Model:
     name = f"edgec-{precision}"
     options = CompileOptions(target="x86-64", precision=precision, calib=data["calib_path"], inputs=data["polarity_path"],
                              tolerance=tolerance, outdir=folder / name, exporter=exporter, accuracy_budget=budget)

@@ -108,3 +108,32 @@ def _values(model: ir.Model):
 def shapes(model: ir.Model) -> dict[str, ir.Shape | None]:
     infer_shapes(model)
     return {v.name: v.shape for v in _values(model) if v.name}
+
+
+def specialize_inputs(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> ir.Model:
+    """Fixes the dynamic dims of graph inputs (in place) and re-infers every shape from them.
+
+    For runtimes that need static shapes (TFLite, NPUs): with the inputs static, cleanup's constant
+    folding removes the export's shape arithmetic. Raises ValueError when a shape does not fit its
+    input (unknown name, another rank, or a fixed dim it contradicts)."""
+    inputs = {v.name: v for v in model.graph.inputs if v.name not in model.graph.initializers}
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise ValueError(f"no input named {', '.join(map(repr, unknown))} (inputs: {', '.join(inputs)})")
+    for name, dims in shapes.items():
+        value, dims = inputs[name], tuple(int(d) for d in dims)
+        old = value.shape
+        if old is not None and len(old) != len(dims):
+            raise ValueError(f"input {name!r} has rank {len(old)}, the shape {'x'.join(map(str, dims))} has rank {len(dims)}")
+        if any(d < 1 for d in dims):
+            raise ValueError(f"input {name!r}: every dim must be at least 1, not {'x'.join(map(str, dims))}")
+        for axis, (was, new) in enumerate(zip(old or (), dims)):
+            if isinstance(was, int) and was != new:
+                raise ValueError(f"input {name!r} has {was} at axis {axis}, not {new}")
+        value.shape = ir.Shape(dims)
+    for node in model.graph:
+        for value in node.outputs:
+            value.shape = None
+    for value in model.graph.outputs:
+        value.shape = None
+    return infer_shapes(model)

@@ -9,6 +9,10 @@ the weights, quantized per output channel, absorb the spread.
 The per-channel 1/s is a Mul inserted on the path to the MatMuls only (other readers, such as a
 post-LayerNorm residual Add, keep the unscaled value); every MatMul reading the same activation gets
 its rows scaled by the same s. Channel maxima come from calibration (`ctx.options[CHANNEL_ABSMAX_KEY]`).
+
+One alpha does not fit every activation (edgec.quantize.smoothing measures the best one per
+activation); `ctx.options[SMOOTH_ALPHAS_KEY]`, activation name -> alpha, smooths exactly those
+activations, each with its own alpha, in place of the pass's single `alpha`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from edgec.passes.cleanup._util import add_initializer, constant_array, is_onnx_
 from edgec.passes.core import Pass, PassContext, PassResult
 
 CHANNEL_ABSMAX_KEY = "channel_absmax"
+SMOOTH_ALPHAS_KEY = "smooth_alphas"
 SMOOTH_KEY = "edgec.smooth_quant"  # node metadata on the inserted Mul: a second run leaves it alone
-_LIMIT = 1e4  # the most a channel is scaled either way: beyond it float32 weights lose their own precision
+SCALE_LIMIT = 1e4  # the most a channel is scaled either way: beyond it float32 weights lose their own precision
 
 
 @dataclass
@@ -33,7 +38,7 @@ class SmoothQuantOptions:
     exclude: tuple[str, ...] = ()  # MatMul node names left alone
 
 
-def _readers(value: ir.Value, options: SmoothQuantOptions) -> list[ir.Node] | None:
+def readers(value: ir.Value, options: SmoothQuantOptions) -> list[ir.Node] | None:
     """The MatMuls with a constant [in, out] weight that read `value` as their left operand, or None
     when `value` is already smoothed or has none."""
     producer = value.producer()
@@ -51,6 +56,14 @@ def _readers(value: ir.Value, options: SmoothQuantOptions) -> list[ir.Node] | No
     return found or None
 
 
+def smooth_scale(channel_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s_c = max|X_c|^alpha / max|W_c|^(1-alpha); 1 where a channel (or its weight row) is all zeros."""
+    live = (channel_absmax > 0) & (weight_absmax > 0)
+    scale = np.ones(channel_absmax.shape, np.float64)
+    scale[live] = channel_absmax[live] ** alpha / weight_absmax[live] ** (1 - alpha)
+    return np.clip(scale, 1 / SCALE_LIMIT, SCALE_LIMIT)
+
+
 def smoothable(model: ir.Model, options: SmoothQuantOptions | None = None) -> list[str]:
     """The activations smooth-quant would scale: the tensors calibration must measure per channel."""
     from edgec.analysis.shapes import ensure_shapes
@@ -60,7 +73,7 @@ def smoothable(model: ir.Model, options: SmoothQuantOptions | None = None) -> li
     seen: dict[str, None] = {}
     for node in model.graph:
         if is_onnx_op(node, "MatMul") and node.inputs[0] is not None and node.inputs[0].name not in seen:
-            if _readers(node.inputs[0], options):
+            if readers(node.inputs[0], options):
                 seen[node.inputs[0].name] = None
     return list(seen)
 
@@ -76,7 +89,10 @@ class SmoothQuantPass(Pass):
         if not 0.0 <= self.options.alpha <= 1.0:
             raise UserError(f"smooth-quant alpha={self.options.alpha} is outside [0, 1]", "use e.g. alpha=0.5")
         absmax = ctx.options.get(CHANNEL_ABSMAX_KEY)
+        alphas = ctx.options.get(SMOOTH_ALPHAS_KEY)
         targets = smoothable(model, self.options)
+        if alphas is not None:
+            targets = [name for name in targets if name in alphas]
         stats = {"activations_smoothed": 0, "weights_scaled": 0, "max_scale": 0.0}
         if not targets:
             return PassResult(model, False, stats)
@@ -88,28 +104,25 @@ class SmoothQuantPass(Pass):
         values.update(model.graph.initializers)
         for name in targets:
             channel = absmax.get(name)
-            readers = _readers(values[name], self.options)
-            if channel is None or readers is None or not ctx.allow(self.name):
+            matmuls = readers(values[name], self.options)
+            if channel is None or matmuls is None or not ctx.allow(self.name):
                 continue
-            scale = self._scale(np.asarray(channel, np.float64), readers)
+            alpha = self.options.alpha if alphas is None else float(alphas[name])
+            scale = self._scale(np.asarray(channel, np.float64), matmuls, alpha)
             if scale is None:
                 continue
-            self._apply(model, values[name], readers, scale)
+            self._apply(model, values[name], matmuls, scale)
             stats["activations_smoothed"] += 1
-            stats["weights_scaled"] += len(readers)
+            stats["weights_scaled"] += len(matmuls)
             stats["max_scale"] = max(stats["max_scale"], float(np.max(np.maximum(scale, 1 / scale))))
         return PassResult(model, stats["activations_smoothed"] > 0, stats)
 
-    def _scale(self, channel: np.ndarray, readers: list[ir.Node]) -> np.ndarray | None:
-        weight_max = np.max([np.abs(constant_array(r.inputs[1])).max(axis=1) for r in readers], axis=0).astype(np.float64)
-        if channel.shape != weight_max.shape or not np.all(np.isfinite(channel)):
+    @staticmethod
+    def _scale(channel: np.ndarray, matmuls: list[ir.Node], alpha: float) -> np.ndarray | None:
+        weight_max = np.max([np.abs(constant_array(r.inputs[1])).max(axis=1) for r in matmuls], axis=0).astype(np.float64)
+        if channel.shape != weight_max.shape or not np.all(np.isfinite(channel)) or not 0.0 <= alpha <= 1.0:
             return None
-        alpha = self.options.alpha
-        # A channel that is always 0 (or a weight row of zeros) keeps scale 1.
-        live = (channel > 0) & (weight_max > 0)
-        scale = np.ones_like(channel)
-        scale[live] = channel[live] ** alpha / weight_max[live] ** (1 - alpha)
-        return np.clip(scale, 1 / _LIMIT, _LIMIT)
+        return smooth_scale(channel, weight_max, alpha)
 
     def _apply(self, model: ir.Model, x: ir.Value, readers: list[ir.Node], scale: np.ndarray) -> None:
         graph = model.graph

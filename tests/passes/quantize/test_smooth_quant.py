@@ -6,7 +6,7 @@ from quant_helpers import consts
 from edgec import ir as eir
 from edgec.errors import UserError
 from edgec.passes.core import PassContext
-from edgec.passes.quantize.smooth_quant import CHANNEL_ABSMAX_KEY, SMOOTH_KEY, SmoothQuantPass, smoothable
+from edgec.passes.quantize.smooth_quant import CHANNEL_ABSMAX_KEY, SMOOTH_ALPHAS_KEY, SMOOTH_KEY, SmoothQuantPass, smoothable
 from edgec.passes.registry import parse_pipeline
 from edgec.testing import assert_numerically_equal, check_pass, graph, run_pass
 
@@ -124,8 +124,33 @@ def test_each_activation_gets_its_own_scales_for_a_shared_weight():
     assert "w" not in result.model.graph.initializers
 
 
-def _two_smoothed(sig: str, x_absmax: np.ndarray, z_absmax: np.ndarray) -> ir.Model:
-    sx, sz = smooth_scale(x_absmax, W1, alpha=0.5), smooth_scale(z_absmax, W1, alpha=0.5)
+def test_measured_alphas_smooth_only_their_activations_each_with_its_own():
+    sig = "g (float[N,4] x, float[N,4] z) => (float[N,4] y)"
+    before = consts(model(sig, "a = MatMul(x, w)\n b = MatMul(z, w)\n y = Add(a, b)", f"float[4,4] w = {ZEROS16}"), w=W1)
+    z_absmax = np.array([1.0, 50.0, 0.1, 2.0])
+    absmax = {"x": ABSMAX, "z": z_absmax}
+    # Both measured, one chosen: z stays as it is, x gets alpha 0.8 (the pass's own alpha is 0.5).
+    sx = smooth_scale(ABSMAX, W1, alpha=0.8)
+    expected = consts(model(sig, """
+        xs = Mul(x, ix)
+        a = MatMul(xs, wx)
+        b = MatMul(z, w)
+        y = Add(a, b)""", f"float[4] ix = {ZEROS4}, float[4,4] wx = {ZEROS16}, float[4,4] w = {ZEROS16}"),
+        ix=(1.0 / sx).astype(np.float32), wx=(W1 * sx[:, None]).astype(np.float32), w=W1)
+    result = check_pass(SmoothQuantPass(), before, expected,
+                        ctx=PassContext(options={CHANNEL_ABSMAX_KEY: absmax, SMOOTH_ALPHAS_KEY: {"x": 0.8}}))
+    assert result.stats["activations_smoothed"] == 1
+    # Two alphas for two activations.
+    expected = _two_smoothed(sig, ABSMAX, z_absmax, alphas=(0.3, 0.9))
+    check_pass(SmoothQuantPass(), before, expected,
+               ctx=PassContext(options={CHANNEL_ABSMAX_KEY: absmax, SMOOTH_ALPHAS_KEY: {"x": 0.3, "z": 0.9}}))
+    # An empty choice smooths nothing.
+    result = run_pass(SmoothQuantPass(), before, PassContext(options={CHANNEL_ABSMAX_KEY: absmax, SMOOTH_ALPHAS_KEY: {}}))
+    assert not result.modified
+
+
+def _two_smoothed(sig: str, x_absmax: np.ndarray, z_absmax: np.ndarray, alphas=(0.5, 0.5)) -> ir.Model:
+    sx, sz = smooth_scale(x_absmax, W1, alpha=alphas[0]), smooth_scale(z_absmax, W1, alpha=alphas[1])
     return consts(model(sig, """
         xs = Mul(x, ix)
         a = MatMul(xs, wx)
