@@ -95,28 +95,36 @@ def test_alpha_from_pipeline_text():
     assert pass_.spec() == "smooth-quant{alpha=0.75}"
 
 
-def test_weight_shared_with_an_unsmoothed_matmul_is_copied_not_edited():
-    sig = "g (float[N,4] x, float[N,4] z) => (float[N,4] y)"
-    w = W1.copy()
-    before = consts(model(sig, "a = MatMul(x, w)\n b = MatMul(z, w)\n y = Add(a, b)", f"float[4,4] w = {ZEROS16}"), w=w)
-    scale = smooth_scale(ABSMAX, W1, alpha=0.5)
-    expected = consts(model(sig, """
+SHARED = "g (float[N,4] x, float[N,4] z) => (float[N,4] y)"  # x and z read one weight
+
+
+def shared_weight() -> ir.Model:
+    return consts(model(SHARED, "a = MatMul(x, w)\n b = MatMul(z, w)\n y = Add(a, b)", f"float[4,4] w = {ZEROS16}"), w=W1.copy())
+
+
+def x_smoothed(scale: np.ndarray) -> ir.Model:
+    """shared_weight() with only x smoothed by `scale`: z keeps reading the original weight."""
+    return consts(model(SHARED, """
         xs = Mul(x, inverse)
         a = MatMul(xs, ws)
         b = MatMul(z, w)
         y = Add(a, b)""", f"float[4] inverse = {ZEROS4}, float[4,4] ws = {ZEROS16}, float[4,4] w = {ZEROS16}"),
         inverse=(1.0 / scale).astype(np.float32), ws=(W1 * scale[:, None]).astype(np.float32), w=W1)
+
+
+def test_weight_shared_with_an_unsmoothed_matmul_is_copied_not_edited():
+    before = shared_weight()
+    expected = x_smoothed(smooth_scale(ABSMAX, W1, alpha=0.5))
     result = check_pass(SmoothQuantPass(), before, expected, ctx=ctx_with({"x": ABSMAX}))  # z not calibrated
     assert result.stats["weights_scaled"] == 1
     np.testing.assert_array_equal(const(before.graph.initializers["w"]), W1)
 
 
 def test_each_activation_gets_its_own_scales_for_a_shared_weight():
-    sig = "g (float[N,4] x, float[N,4] z) => (float[N,4] y)"
-    before = consts(model(sig, "a = MatMul(x, w)\n b = MatMul(z, w)\n y = Add(a, b)", f"float[4,4] w = {ZEROS16}"), w=W1)
+    before = shared_weight()
     z_absmax = np.array([1.0, 50.0, 0.1, 2.0])
     assert smoothable(before) == ["x", "z"]
-    expected = _two_smoothed(sig, ABSMAX, z_absmax)
+    expected = _two_smoothed(ABSMAX, z_absmax)
     result = check_pass(SmoothQuantPass(), before, expected, ctx=ctx_with({"x": ABSMAX, "z": z_absmax}))
     assert result.stats == {"activations_smoothed": 2, "weights_scaled": 2, "max_scale": pytest.approx(
         max(float(np.max(np.maximum(s, 1 / s))) for s in (smooth_scale(ABSMAX, W1, alpha=0.5),
@@ -125,23 +133,16 @@ def test_each_activation_gets_its_own_scales_for_a_shared_weight():
 
 
 def test_measured_alphas_smooth_only_their_activations_each_with_its_own():
-    sig = "g (float[N,4] x, float[N,4] z) => (float[N,4] y)"
-    before = consts(model(sig, "a = MatMul(x, w)\n b = MatMul(z, w)\n y = Add(a, b)", f"float[4,4] w = {ZEROS16}"), w=W1)
+    before = shared_weight()
     z_absmax = np.array([1.0, 50.0, 0.1, 2.0])
     absmax = {"x": ABSMAX, "z": z_absmax}
     # Both measured, one chosen: z stays as it is, x gets alpha 0.8 (the pass's own alpha is 0.5).
-    sx = smooth_scale(ABSMAX, W1, alpha=0.8)
-    expected = consts(model(sig, """
-        xs = Mul(x, ix)
-        a = MatMul(xs, wx)
-        b = MatMul(z, w)
-        y = Add(a, b)""", f"float[4] ix = {ZEROS4}, float[4,4] wx = {ZEROS16}, float[4,4] w = {ZEROS16}"),
-        ix=(1.0 / sx).astype(np.float32), wx=(W1 * sx[:, None]).astype(np.float32), w=W1)
+    expected = x_smoothed(smooth_scale(ABSMAX, W1, alpha=0.8))
     result = check_pass(SmoothQuantPass(), before, expected,
                         ctx=PassContext(options={CHANNEL_ABSMAX_KEY: absmax, SMOOTH_ALPHAS_KEY: {"x": 0.8}}))
     assert result.stats["activations_smoothed"] == 1
     # Two alphas for two activations.
-    expected = _two_smoothed(sig, ABSMAX, z_absmax, alphas=(0.3, 0.9))
+    expected = _two_smoothed(ABSMAX, z_absmax, alphas=(0.3, 0.9))
     check_pass(SmoothQuantPass(), before, expected,
                ctx=PassContext(options={CHANNEL_ABSMAX_KEY: absmax, SMOOTH_ALPHAS_KEY: {"x": 0.3, "z": 0.9}}))
     # An empty choice smooths nothing.
@@ -149,9 +150,9 @@ def test_measured_alphas_smooth_only_their_activations_each_with_its_own():
     assert not result.modified
 
 
-def _two_smoothed(sig: str, x_absmax: np.ndarray, z_absmax: np.ndarray, alphas=(0.5, 0.5)) -> ir.Model:
+def _two_smoothed(x_absmax: np.ndarray, z_absmax: np.ndarray, alphas=(0.5, 0.5)) -> ir.Model:
     sx, sz = smooth_scale(x_absmax, W1, alpha=alphas[0]), smooth_scale(z_absmax, W1, alpha=alphas[1])
-    return consts(model(sig, """
+    return consts(model(SHARED, """
         xs = Mul(x, ix)
         a = MatMul(xs, wx)
         zs = Mul(z, iz)
