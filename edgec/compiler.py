@@ -28,7 +28,7 @@ from edgec.verify import (
 
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # What this build can emit. The rest are accepted by the parser and refused with a clear reason.
-IMPLEMENTED_PRECISIONS = ("fp32", "int8", "mixed")
+IMPLEMENTED_PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 QUANTIZED = ("int8", "mixed")
 # Fewer samples than this give ranges that depend on which sentences happened to be chosen.
 MIN_CALIBRATION_SAMPLES = 8

@@ -2,40 +2,13 @@
 both exporters, verified on the 200 labelled polarity sentences from gensim's test data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import zoo
 from edgec.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def minilm_exports(minilm_folder):
-    """Both exports via tools/export_minilm.py (what `make demo` runs), cached with the zoo."""
-    pytest.importorskip("torch")
-    out = zoo.cache_dir() / "minilm"
-    paths = {e: out / f"minilm-{e}.onnx" for e in ("torchscript", "dynamo")}
-    out.mkdir(parents=True, exist_ok=True)
-    with zoo._lock(out / "export.lock"):
-        if not all(p.exists() for p in paths.values()):
-            subprocess.run([sys.executable, str(ROOT / "tools/export_minilm.py"), "--out", str(out)], check=True)
-    return paths
-
-
-@pytest.fixture(scope="session")
-def polarity_npz(tmp_path_factory):
-    pytest.importorskip("gensim")
-    out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(ROOT / "tools/prepare_data.py"), "--out", str(out)], check=True)
-    with np.load(out / "polarity.npz") as data:
-        assert data["input_ids"].shape[0] == 200 and set(np.unique(data["labels"])) == {0, 1}
-    return out / "polarity.npz"
 
 
 @pytest.mark.slow

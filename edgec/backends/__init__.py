@@ -85,8 +85,9 @@ class Backend:
 
 def _builtin_backends() -> dict[str, type[Backend]]:
     from edgec.backends.onnxruntime import OnnxRuntimeBackend
+    from edgec.backends.tflite import TFLiteBackend
 
-    return {OnnxRuntimeBackend.name: OnnxRuntimeBackend}
+    return {OnnxRuntimeBackend.name: OnnxRuntimeBackend, TFLiteBackend.name: TFLiteBackend}
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend", "edgec.backends", _builtin_backends)

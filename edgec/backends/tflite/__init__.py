@@ -1,0 +1,161 @@
+"""TFLite backend: writes the .tflite flatbuffer straight from the IR (builtin ops only, no TensorFlow) and
+runs it in LiteRT's interpreter (XNNPACK on CPU)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.backends import Artifact, Backend
+from edgec.errors import UserError
+
+INSTALL_HINT = "pip install ai-edge-litert"
+
+
+def unsupported_ops(model: ir.Model) -> dict[str, str]:
+    """Node name -> why the tflite writer cannot lower that node (empty when all of the graph lowers)."""
+    try:
+        from edgec.backends.tflite.lower import unsupported_ops as check
+    except ImportError:
+        raise UserError("the tflite backend needs ai-edge-litert (its TFLite schema)", INSTALL_HINT) from None
+    return check(model)
+
+
+def describe_unsupported(problems: Mapping[str, str]) -> str:
+    """One line naming the op types that do not lower and the first node of them."""
+    node, reason = next(iter(problems.items()))
+    count = f"{len(problems)} node{'s' if len(problems) > 1 else ''}"
+    return f"the tflite backend cannot lower {count}, e.g. {node!r}: {reason}"
+
+
+class TFLiteBackend(Backend):
+    name = "tflite"
+    description = "TFLite flatbuffer (builtin ops) for LiteRT / XNNPACK"
+    # fp16: weights stored as float16 and dequantized to float32 on load (TFLite's float16 weight
+    # format); activations stay float32.
+    precisions = ("fp32", "fp16")
+    dynamic_shapes = False
+    # XNNPACK runs MatMul/Softmax/MatMul well and TFLite has no fused attention builtin.
+    attention_form = "decomposed"
+    # The Erf polynomial of TorchScript GELUs becomes ONNX Gelu, which is TFLite's GELU builtin.
+    fusions = ("fuse-gelu",)
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import ai_edge_litert.interpreter  # noqa: F401
+        except ImportError:
+            return f"ai-edge-litert is not installed: {INSTALL_HINT}"
+        return None
+
+    def artifact_names(self, stem: str = "model") -> tuple[str, ...]:
+        return (f"{stem}.tflite",)
+
+    def emit(self, model: ir.Model, outdir: Path, *, target, precision: str, stem: str = "model") -> Artifact:
+        from edgec.backends.tflite.lower import lower_model
+
+        if precision not in self.precisions:
+            raise UserError(f"the tflite backend writes {', '.join(self.precisions)}, not {precision}",
+                            "choose one of those with --precision")
+        problems = unsupported_ops(model)
+        if problems:
+            op_types = {node.name: node.op_type for node in model.graph}
+            ops = sorted({op_types[name] for name in problems if name in op_types})
+            raise UserError(f"{describe_unsupported(problems)} (op types: {', '.join(ops) or 'unknown'})",
+                            "compile for another backend, or rewrite these ops before the tflite backend "
+                            "(edgec inspect --target lists every node)")
+        data, ctx = lower_model(model, fp16_weights=precision == "fp16")
+        outdir = Path(outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        path = outdir / f"{stem}.tflite"
+        # A unique name beside the target, created like any file (umask permissions), then renamed over it.
+        tmp = outdir / f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tflite.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        graph = model.graph
+        meta = {
+            "precision": precision,
+            "operators": len(ctx.fm.operators),
+            "op_counts": dict(sorted(ctx.fm.op_counts().items())),
+            "tensors": len(ctx.fm.tensors),
+            "inputs": {v.name: list(v.shape) for v in graph.inputs if v.name not in graph.initializers},
+            "outputs": {v.name: list(v.shape) for v in graph.outputs},
+            "signature": "serving_default",
+        }
+        return Artifact(self.name, path, [path], meta)
+
+    def run(self, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_tflite(artifact.path, feeds)
+
+
+def run_tflite(path: Path, feeds: Mapping[str, np.ndarray], *, num_threads: int | None = None,
+               reference_kernels: bool = False) -> dict[str, np.ndarray]:
+    """Runs a static-shape .tflite on feeds of any batch and of up to its static sizes.
+
+    Feeds run in chunks of the artifact's batch; shorter non-batch axes are padded with zeros (an
+    attention mask's 0 marks padding) and every output axis of a padded size is cropped back.
+    `reference_kernels` runs TFLite's reference kernels instead of XNNPACK and the optimized ones:
+    what tells a wrong lowering from a kernel's rounding.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads or os.cpu_count(),
+                              experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    missing = [d["name"] for d in inputs if d["name"] not in feeds]
+    if missing:
+        raise RuntimeError(f"no feed for the input {', '.join(missing)} of {path.name}")
+    arrays = {d["name"]: np.asarray(feeds[d["name"]]) for d in inputs}
+    if all(arrays[d["name"]].shape == tuple(d["shape"]) for d in inputs):
+        for d in inputs:
+            interpreter.set_tensor(d["index"], arrays[d["name"]].astype(d["dtype"], copy=False))
+        interpreter.invoke()
+        return {d["name"]: interpreter.get_tensor(d["index"]).copy() for d in outputs}
+    batch, total, cropped = _plan(inputs, arrays)
+    results: dict[str, list[np.ndarray]] = {d["name"]: [] for d in outputs}
+    for start in range(0, total, batch):
+        rows = min(batch, total - start)
+        for d in inputs:
+            chunk = arrays[d["name"]][start:start + rows].astype(d["dtype"], copy=False)
+            padded = np.zeros(tuple(d["shape"]), d["dtype"])
+            padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
+            interpreter.set_tensor(d["index"], padded)
+        interpreter.invoke()
+        for d in outputs:
+            results[d["name"]].append(interpreter.get_tensor(d["index"])[:rows].copy())
+    merged = {}
+    for name, parts in results.items():
+        out = np.concatenate(parts, axis=0)
+        crop = tuple([slice(None)] + [slice(0, cropped.get(n, n)) for n in out.shape[1:]])
+        merged[name] = out[crop]
+    return merged
+
+
+def _plan(inputs, arrays) -> tuple[int, int, dict[int, int]]:
+    """(the artifact's batch, the feeds' batch, static size -> fed size for every padded axis)."""
+    batch = int(inputs[0]["shape"][0]) if len(inputs[0]["shape"]) else 1
+    totals = {a.shape[0] if a.ndim else 1 for a in arrays.values()}
+    if len(totals) != 1:
+        raise RuntimeError(f"the feeds disagree on the batch size: {sorted(totals)}")
+    cropped: dict[int, int] = {}
+    for d in inputs:
+        static, fed = tuple(int(n) for n in d["shape"]), arrays[d["name"]].shape
+        if len(static) != len(fed) or any(f > s for f, s in zip(fed[1:], static[1:])):
+            raise RuntimeError(
+                f"input {d['name']!r} of shape {'x'.join(map(str, fed))} does not fit the artifact's static "
+                f"shape {'x'.join(map(str, static))} (batch excepted): compile with larger --shapes")
+        for f, s in zip(fed[1:], static[1:]):
+            if f < s:
+                cropped[s] = f
+    return batch, totals.pop(), cropped
