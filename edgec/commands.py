@@ -117,6 +117,8 @@ def _print_compile(report: dict, console) -> None:
     summary.add_column()
     summary.add_row("nodes", f"{s['original_nodes']} -> {s['final_nodes']}")
     summary.add_row("size", f"{_fmt_bytes(s['original_bytes'])} -> {_fmt_bytes(s['artifact_bytes'])}")
+    if report.get("static_shapes"):
+        summary.add_row("static shapes", ", ".join(f"{k} {'x'.join(map(str, d))}" for k, d in report["static_shapes"].items()))
     smoothing = (quantization or {}).get("smoothing")
     if smoothing and smoothing["activations"]:
         rows = smoothing["activations"]

@@ -1,6 +1,7 @@
 """The tflite backend: each lowering rule against onnxruntime on a small graph, MiniLM on real sentences
 (fp32 and fp16), the zoo through the backend, and the refusals. Everything runs in LiteRT's interpreter."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,23 @@ def test_minilm_matches_onnxruntime(exporter, minilm_exports, polarity_feeds, tm
     figures = compare(reference, BACKEND.run(fp16, polarity_feeds), mask)
     assert figures["cosine_min"] >= 0.999, figures
     assert fp16.size_bytes < 0.55 * fp32.size_bytes
+
+
+@pytest.mark.slow
+def test_cli_compiles_for_snapdragon_with_the_shapes_given(zoo_model, tmp_path, capsys):
+    from edgec.cli import main
+
+    source = zoo_model("bert", "dynamo")
+    out = tmp_path / "sd8"
+    code = main(["compile", str(source), "--target", "snapdragon-8", "--precision", "fp16",
+                 "--shape", "input_ids=1x24,attention_mask=1x24,token_type_ids=1x24", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "static shapes" in printed and "input_ids 1x24" in printed and "in tflite" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "tflite" and report["static_shapes"]["input_ids"] == [1, 24]
+    assert (out / "model.tflite").is_file()
+    # A shape that does not fit the model is one clear error, and nothing is written.
+    bad = tmp_path / "bad"
+    assert main(["compile", str(source), "--target", "snapdragon-8", "--shape", "input_ids=1x24x3", "-o", str(bad)]) == 2
+    assert "does not fit the model" in capsys.readouterr().err and not (bad / "model.tflite").exists()
