@@ -409,6 +409,11 @@ def _evaluation(options: CompileOptions, model):
             if "labels" not in data.files:
                 raise UserError(f"{options.eval} has no array 'labels'", "add the label of each sample: numpy.savez(..., labels=...)")
             labels = data["labels"]
+        # Checked on the original (before calibration runs): its first output must be [batch, classes].
+        first = next(iter(run_model(model, {k: v[:1] for k, v in feeds.items()}).values()))
+        if first.ndim != 2:
+            raise UserError(f"--metric top1 needs a model whose first output is [batch, classes] logits, "
+                            f"not {list(first.shape)}", "use --metric cosine for this model")
         samples = min(len(v) for v in feeds.values())
         if labels.shape != (samples,) or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"labels in {options.eval} are {labels.dtype}{list(labels.shape)}, not {samples} integer classes",
@@ -468,12 +473,6 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
 
         subset = {k: v[:MIXED_SAMPLES] for k, v in feeds.items()}
         budget = options.accuracy_budget if options.accuracy_budget is not None else DEFAULT_BUDGETS[options.metric]
-        if evaluation is not None and evaluation.metric == "top1":
-            logits = run_session(ort_session(model), {k: v[:1] for k, v in evaluation.feeds.items()})
-            first = next(iter(logits.values()))
-            if first.ndim != 2:
-                raise UserError(f"--metric top1 needs a model whose first output is [batch, classes] logits, "
-                                f"not {list(first.shape)}", "use --metric cosine for this model")
         chosen = assign(model, qdq, ranges, subset, budget, evaluation=evaluation,
                         progress=lambda done, total, message: step(f"{message} {done}/{total}"))
         qdq = dataclasses.replace(qdq, exclude=qdq.exclude + chosen.exclude)

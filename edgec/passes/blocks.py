@@ -291,3 +291,31 @@ def rebuild(model: ir.Model, block: AttentionBlock, core: Core, cache: dict | No
     attended = core(b, q, k, v, block.scale, mask)
     merged = merge_heads(b, attended, block.heads * block.head_dim)
     return replace_output(model, block, project(b, merged, block.o, values))
+
+
+def replace_blocks(model: ir.Model, ctx: PassContext, pass_name: str, form: str,
+                   core_of: Callable[[AttentionBlock], Core],
+                   skip: Callable[[AttentionBlock], str | None] = lambda block: None,
+                   reasons: tuple[str, ...] = ()) -> dict[str, int]:
+    """The loop of the passes that replace attention by another computation: every proven block not
+    built in `form` yet is rebuilt around `core_of(block)`, unless `skip(block)` names a reason (one
+    of `reasons`, a stats key) or its mask is one the new core cannot take. Returns the stats."""
+    blocks, unproven = trusted_blocks(model, ctx)
+    stats = {"blocks_replaced": 0, "causal_blocks": 0, "unproven": unproven, "skipped_unsupported_mask": 0,
+             **{reason: 0 for reason in reasons}}
+    cache: dict = {}
+    for block in blocks:
+        if built_form(model, block) == form:
+            continue
+        reason = skip(block)
+        if reason is None and mask_problem(model, block) is not None:
+            reason = "skipped_unsupported_mask"
+        if reason is not None:
+            stats[reason] += 1
+            continue
+        if not ctx.allow(pass_name):
+            continue
+        rebuild(model, block, core_of(block), cache)
+        stats["blocks_replaced"] += 1
+        stats["causal_blocks"] += "causal" in block.mask
+    return stats

@@ -20,8 +20,7 @@ from functools import partial
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.blocks import (FORM_KEY, Builder, built_form, key_mask, mask_problem, mask_rank, rebuild,
-                                 trusted_blocks)
+from edgec.passes.blocks import FORM_KEY, Builder, key_mask, mask_rank, replace_blocks
 from edgec.passes.core import Pass, PassContext, PassResult
 
 FORM = "linear"
@@ -68,23 +67,9 @@ class LinearAttentionPass(Pass):
     approximate = True
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        blocks, unproven = trusted_blocks(model, ctx)
-        stats = {"blocks_replaced": 0, "causal_blocks": 0, "unproven": unproven,
-                 "skipped_unsupported_mask": 0, "skipped_causal": 0}
-        cache: dict = {}
-        for block in blocks:
-            if built_form(model, block) == FORM:
-                continue
-            causal = "causal" in block.mask
-            if causal and not self.options.causal:
-                stats["skipped_causal"] += 1
-                continue
-            if mask_problem(model, block) is not None:
-                stats["skipped_unsupported_mask"] += 1
-                continue
-            if not ctx.allow(self.name):
-                continue
-            rebuild(model, block, partial(linear_core, causal=causal, rank=mask_rank(model, block)), cache)
-            stats["blocks_replaced"] += 1
-            stats["causal_blocks"] += causal
+        def skip(block) -> str | None:
+            return "skipped_causal" if "causal" in block.mask and not self.options.causal else None
+
+        stats = replace_blocks(model, ctx, self.name, FORM, skip=skip, reasons=("skipped_causal",), core_of=lambda block: partial(
+            linear_core, causal="causal" in block.mask, rank=mask_rank(model, block)))
         return PassResult(model, stats["blocks_replaced"] > 0, stats)

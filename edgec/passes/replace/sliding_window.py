@@ -27,8 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import UserError
-from edgec.passes.blocks import (FORM_KEY, Builder, built_form, key_mask, lowest, mask_problem, mask_rank, rebuild,
-                                 trusted_blocks)
+from edgec.passes.blocks import FORM_KEY, Builder, key_mask, lowest, mask_rank, replace_blocks
 from edgec.passes.core import Pass, PassContext, PassResult
 
 
@@ -164,25 +163,10 @@ class SlidingWindowAttentionPass(Pass):
         if not 0 <= sinks <= w:
             raise UserError(f"sliding-window-attention sinks={sinks} is not between 0 and the window ({w})", "use sinks=1, for example")
         form = f"sliding-window:{w}" + (f"+sinks:{sinks}" if sinks else "")
-        blocks, unproven = trusted_blocks(model, ctx)
-        stats = {"blocks_replaced": 0, "causal_blocks": 0, "unproven": unproven,
-                 "skipped_unsupported_mask": 0, "skipped_cross_attention": 0}
-        cache: dict = {}
-        for block in blocks:
-            if built_form(model, block) == form:
-                continue
-            if block.q.input != block.k.input:  # no relative positions between two sequences
-                stats["skipped_cross_attention"] += 1
-                continue
-            if mask_problem(model, block) is not None:
-                stats["skipped_unsupported_mask"] += 1
-                continue
-            if not ctx.allow(self.name):
-                continue
-            causal = "causal" in block.mask
-            core = partial(window_core, window=w, causal=causal, head_dim=block.head_dim,
-                           rank=mask_rank(model, block), form=form, sinks=sinks)
-            rebuild(model, block, core, cache)
-            stats["blocks_replaced"] += 1
-            stats["causal_blocks"] += causal
+        # A window is relative positions within one sequence: cross-attention has none.
+        skip = lambda block: "skipped_cross_attention" if block.q.input != block.k.input else None  # noqa: E731
+        stats = replace_blocks(model, ctx, self.name, form, skip=skip, reasons=("skipped_cross_attention",),
+                               core_of=lambda block: partial(window_core, window=w, causal="causal" in block.mask,
+                                                             head_dim=block.head_dim, rank=mask_rank(model, block),
+                                                             form=form, sinks=sinks))
         return PassResult(model, stats["blocks_replaced"] > 0, stats)

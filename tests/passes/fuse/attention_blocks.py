@@ -43,9 +43,8 @@ SPLIT = np.array([0, 0, HEADS, HEAD_DIM], np.int64)
 MERGE = np.array([0, 0, HIDDEN], np.int64)
 
 
-def exported_block(mask: str = "additive", fill: float = -3.0e38) -> ir.Model:
-    """An attention block the way exporters write it: scale as a Div on the scores, K transposed on its
-    own, the mask added (or a Where), heads split and merged with Reshape/Transpose."""
+def head_projections() -> list:
+    """Q, K and V of x: MatMul, bias Add, split into heads ([B, H, S, D] as q3, k3, v3)."""
     nodes = []
     for role in "qkv":
         nodes += [
@@ -54,6 +53,13 @@ def exported_block(mask: str = "additive", fill: float = -3.0e38) -> ir.Model:
             helper.make_node("Reshape", [f"{role}1", "split"], [f"{role}2"]),
             helper.make_node("Transpose", [f"{role}2"], [f"{role}3"], perm=[0, 2, 1, 3]),
         ]
+    return nodes
+
+
+def exported_block(mask: str = "additive", fill: float = -3.0e38) -> ir.Model:
+    """An attention block the way exporters write it: scale as a Div on the scores, K transposed on its
+    own, the mask added (or a Where), heads split and merged with Reshape/Transpose."""
+    nodes = head_projections()
     nodes += [
         helper.make_node("Transpose", ["k3"], ["kt"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["q3", "kt"], ["s0"]),

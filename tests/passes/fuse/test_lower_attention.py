@@ -2,7 +2,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from attention_blocks import (
-    ARCHS, B, HEADS, MASK, MERGE, SPLIT, W, X, _init, exported_block, feeds, load_onnx_model, sharpen_and_expose,
+    ARCHS, B, HEADS, MASK, MERGE, SPLIT, W, X, _init, exported_block, feeds, head_projections, load_onnx_model,
+    sharpen_and_expose,
 )
 from onnx import TensorProto, helper
 
@@ -37,14 +38,7 @@ def test_onnxruntime_form_is_one_packed_attention():
 
 def test_decomposed_form_is_canonical():
     before = exported_block()
-    nodes = []
-    for role in "qkv":
-        nodes += [
-            helper.make_node("MatMul", ["x", f"w{role}"], [f"{role}0"]),
-            helper.make_node("Add", [f"{role}0", f"b{role}"], [f"{role}1"]),
-            helper.make_node("Reshape", [f"{role}1", "split"], [f"{role}2"]),
-            helper.make_node("Transpose", [f"{role}2"], [f"{role}3"], perm=[0, 2, 1, 3]),
-        ]
+    nodes = head_projections()
     nodes += [
         helper.make_node("Mul", ["q3", "scale"], ["qs"]),
         helper.make_node("Transpose", ["k3"], ["kt"], perm=[0, 1, 3, 2]),
