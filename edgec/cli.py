@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "shapes and otherwise takes batch 1 and the --inputs' other dims")
     c.add_argument("--pipeline", help="pass pipeline text; default: the target's pipeline")
     c.add_argument("--backend", help="backend to emit for; default: the target's first available one")
+    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="backends that tune (tvm): MetaSchedule trial budget; 0 = the backend's default")
+    c.add_argument("--tuning-db", type=Path, help="tuning database folder, reused by later compiles (default: in the cache)")
     c.add_argument("--tolerance", help="widen/narrow verification, e.g. min_cosine=0.999,min_sqnr_db=30")
     c.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
     c.add_argument("--debug-counter", help="stop passes after N rewrites, e.g. fold-constants=3 (bisecting)")

@@ -51,6 +51,8 @@ def cmd_compile(args) -> int:
         metric=args.metric,
         shapes=parse_shapes(args.shape),
         smooth=args.smooth != "off",
+        tune_trials=args.tune_trials,
+        tuning_db=args.tuning_db,
         pipeline=args.pipeline,
         backend=args.backend,
         tolerance=args.tolerance,

@@ -57,6 +57,10 @@ class CompileOptions:
     # the verification inputs: batch 1, their other dims.
     shapes: dict[str, tuple[int, ...]] | None = None
     smooth: bool = True  # int8/mixed: SmoothQuant with each activation's alpha chosen by measured error
+    # Backends that tune their kernels (TVM's MetaSchedule): the trial budget (0: the backend's
+    # default) and the tuning database kept between compiles (default: under cache_dir).
+    tune_trials: int = 0
+    tuning_db: Path | None = None
     cache_dir: Path | None = None  # calibration statistics; default: $EDGEC_CACHE_DIR or ~/.cache/edgec
     exporter: str = "dynamo"
     debug_counter: str | None = None
@@ -182,6 +186,7 @@ def compile_model(
     target = get_target(options.target)
     notes: list[str] = []
     backend = choose_backend(target, options.backend, notes)
+    backend.configure(options, step)
     counter = DebugCounter.parse(options.debug_counter)
     pipeline_text = options.pipeline if options.pipeline is not None else target.default_pipeline
     lowering = backend.lowering_pipeline(target, options.precision)

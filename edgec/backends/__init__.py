@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -45,6 +45,10 @@ class Backend:
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     # Whether artifacts keep the model's dynamic dims (TFLite, for one, specialises them).
     dynamic_shapes: ClassVar[bool] = True
+
+    def configure(self, options, progress: Callable[[str], None]) -> None:
+        """Takes the compile's options (CompileOptions: tune_trials, tuning_db, cache_dir, ...) and the
+        console's progress callback before anything runs; raises UserError for options it refuses."""
 
     def unavailable_reason(self) -> str | None:
         """None when the toolchain is installed; otherwise what is missing and how to install it."""
