@@ -128,6 +128,10 @@ def _print_compile(report: dict, console) -> None:
         span = f", alpha {alphas[0]}-{alphas[-1]}" if alphas else ""
         summary.add_row("smoothing", f"{smoothing['smoothed']} of {len(rows)} activations{span}; int8 error of their MatMuls "
                         f"{np.mean([r['error_before'] for r in rows]):.2e} -> {np.mean([r['error_after'] for r in rows]):.2e} (mean)")
+    outputs = (quantization or {}).get("outputs")
+    if outputs:
+        summary.add_row("int8 results", f"{outputs['quantized']} quantized, {len(outputs['float'])} kept float "
+                        f"(estimated int8 SQNR under {outputs['min_sqnr_db']:g} dB)")
     summary.add_row(
         "verification",
         f"cosine mean {v['cosine_mean']:.7f} min {v['cosine_min']:.7f}, SQNR {v['sqnr_db']:.1f} dB, "

@@ -29,6 +29,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 DTYPES: dict[str, tuple[int, int]] = {
     "uint8": (0, 255),
     "int8": (-127, 127),
+    "int8-asym": (0, 255),  # int8 with a zero point: ranges chosen as for uint8's 256 levels
     "uint16": (0, 65535),
     "int16": (-32767, 32767),
     "uint4": (0, 15),
@@ -72,6 +73,18 @@ class TensorStats:
     def bins(self) -> int:
         """Bins per sign: the histogram has 2 * bins."""
         return len(self.histogram) // 2
+
+    def sqnr_db(self, scale: float, zero_point: int, qmin: int, qmax: int) -> float:
+        """Signal to quantization noise (dB) of this tensor on the grid scale * (q - zero_point),
+        q in [qmin, qmax], rounding and clipping included, estimated at the histogram's bin centres."""
+        width = float(self.edges[-1]) / self.bins if self.bins else 0.0
+        if width == 0.0 or not self.histogram.any():
+            return float("inf")
+        centres = (np.arange(2 * self.bins) - self.bins + 0.5) * width
+        codes = np.clip(np.rint(centres / scale) + zero_point, qmin, qmax)
+        noise = float(self.histogram @ (centres - (codes - zero_point) * scale) ** 2)
+        signal = float(self.histogram @ centres**2)
+        return float("inf") if noise == 0.0 else 10.0 * float(np.log10(signal / noise))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TensorStats):
@@ -183,7 +196,7 @@ def calibrate(
         raise ValueError(f"not values of the model's graph: {', '.join(map(repr, unknown))}")
 
     arrays, samples = _check_feeds(graph_inputs, feeds)
-    batch = _batch_size(graph_inputs.values(), batch_size, samples)
+    batch = batch_size_for(graph_inputs.values(), batch_size, samples)
 
     cache_path = None
     if cache_dir is not None:
@@ -360,7 +373,7 @@ def _check_feeds(graph_inputs: Mapping[str, ir.Value], feeds: Mapping[str, np.nd
     return arrays, samples
 
 
-def _batch_size(graph_inputs, wanted: int, samples: int) -> int:
+def batch_size_for(graph_inputs, wanted: int, samples: int) -> int:
     """`wanted`, unless the model fixes its batch dimension; then that (which must divide the samples)."""
     fixed = {v.shape[0] for v in graph_inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
     if not fixed:

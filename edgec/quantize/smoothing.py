@@ -27,6 +27,7 @@ from edgec import ir as eir
 from edgec.passes.cleanup._util import constant_array
 from edgec.passes.quantize.insert_qdq import SCHEMES, activation_params, quantize_weight
 from edgec.passes.quantize.smooth_quant import SmoothQuantOptions, readers, smooth_scale, smoothable
+from edgec.quantize.calibrate import batch_size_for
 from edgec.verify import ort_session
 
 Progress = Callable[[int, int, str], None]
@@ -120,6 +121,7 @@ def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "u
                                      for r in readers(values[name], options)], axis=1) for name in names}
     wanted = {i.name for i in model.graph.inputs if i.name not in model.graph.initializers}
     count = min(samples, *(len(v) for k, v in feeds.items() if k in wanted))
+    batch_size = batch_size_for(model.graph.inputs, batch_size, count)
     batches = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
     probe = eir.clone(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -49,11 +49,34 @@ def run_model(model: ir.Model | str | os.PathLike, feeds: Mapping[str, np.ndarra
 
 
 def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs an open onnxruntime session on the feeds it takes (extra arrays are ignored)."""
+    """Runs an open onnxruntime session on the feeds it takes (extra arrays are ignored); a model with
+    a fixed batch size runs them in chunks of it."""
     names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip(names, outs))
+    inputs = session.get_inputs()
+    taken = {i.name: feeds[i.name] for i in inputs if i.name in feeds}
+    fixed = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)}
+    total = {np.shape(v)[0] for v in taken.values() if np.ndim(v)}
+    if len(fixed) != 1 or len(total) != 1 or total == fixed:
+        return dict(zip(names, session.run(names, taken)))
+    (batch,), (count,) = fixed, total
+    parts = [session.run(names, {k: v[start:start + batch] for k, v in taken.items()})
+             for start in range(0, count, batch)]
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+
+def fit_feeds(feeds: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """The feeds with every axis but the batch padded with zeros (an attention mask's 0 marks padding)
+    or cut to the static `shapes` a specialized model takes."""
+    fitted = dict(feeds)
+    for name, dims in shapes.items():
+        array = feeds.get(name)
+        if array is None or array.ndim != len(dims) or tuple(array.shape[1:]) == tuple(dims[1:]):
+            continue
+        out = np.zeros((array.shape[0], *dims[1:]), array.dtype)
+        common = tuple(slice(0, min(a, d)) for a, d in zip(array.shape[1:], dims[1:]))
+        out[(slice(None), *common)] = array[(slice(None), *common)]
+        fitted[name] = out
+    return fitted
 
 
 TOKEN_MASK_INPUT = "attention_mask"

@@ -341,3 +341,19 @@ def test_matmul_inputs_of_a_zoo_bert(zoo_model):
                 if dtype == "int8":
                     lowest, highest = -max(-lowest, highest), max(-lowest, highest)
                 assert lowest <= low <= 0.0 <= high <= highest, (method, dtype, name)
+
+
+def test_sqnr_estimate_matches_quantizing_the_data():
+    """sqnr_db from the histogram agrees with quantizing the values themselves; an outlier that sets the
+    range leaves the rest few levels (what keeps a residual branch's result float)."""
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((64, 256))
+    for data in (values, np.concatenate([values, np.full((64, 1), 60.0)], axis=1)):
+        st = _data(data).stats["y"]
+        scale = float(np.abs(data).max()) / 127
+        q = np.clip(np.rint(data / scale), -127, 127) * scale
+        measured = 10 * np.log10((data**2).sum() / ((data - q) ** 2).sum())
+        assert abs(st.sqnr_db(scale, 0, -127, 127) - measured) < 0.5, (st.sqnr_db(scale, 0, -127, 127), measured)
+    assert _data(values).stats["y"].sqnr_db(4 / 127, 0, -127, 127) > 35 > st.sqnr_db(60 / 127, 0, -127, 127)
+    # Clipping counts as noise: a grid that covers a tenth of the range is worse than one that covers it.
+    assert st.sqnr_db(6 / 127, 0, -127, 127) < st.sqnr_db(60 / 127, 0, -127, 127)

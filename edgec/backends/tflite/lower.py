@@ -75,11 +75,61 @@ def np_type(value: ir.Value) -> np.dtype:
 
 
 def const(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None else constant_array(value)
+    """The value's array when it is known at compile time: a constant, or a constant dequantized (the
+    IR's int8 weights, which rules that take no integer weights read as float)."""
+    if value is None:
+        return None
+    array = constant_array(value)
+    if array is None and _dequantized_constant(value):
+        node = value.producer()
+        codes, scale = constant_array(node.inputs[0]), constant_array(node.inputs[1])
+        zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        shape = [1] * codes.ndim
+        if scale.size > 1:
+            shape[_axis(node, codes.ndim)] = -1
+        zero = np.float32(0) if zero is None else zero.astype(np.float32).reshape(shape)
+        array = ((codes.astype(np.float32) - zero) * scale.astype(np.float32).reshape(shape)).astype(np_type(value))
+    return array
 
 
 def is_const(value: ir.Value | None) -> bool:
-    return value is not None and constant_tensor(value) is not None
+    return value is not None and (constant_tensor(value) is not None or _dequantized_constant(value))
+
+
+def _dequantized_constant(value: ir.Value) -> bool:
+    producer = value.producer()
+    return (producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ONNX_DOMAINS
+            and all(v is None or constant_tensor(v) is not None for v in producer.inputs))
+
+
+def _axis(node: ir.Node, rank: int) -> int:
+    axis = node.attributes.get_int("axis", 1)
+    return axis + rank if axis < 0 else axis
+
+
+def quantization(value: ir.Value) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(scales, zero points, axis) of an integer value of the QDQ form: what its QuantizeLinear wrote,
+    or what the DequantizeLinear nodes reading it (all alike) take. None for other values."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "QuantizeLinear" and producer.domain in ONNX_DOMAINS:
+        node = producer
+    else:
+        readers = {use.node for use in value.uses()}
+        params = {_params_key(n) for n in readers}
+        if not readers or len(params) != 1 or any(n.op_type != "DequantizeLinear" or n.inputs[0] is not value for n in readers):
+            return None
+        node = next(iter(readers))
+    scale = constant_array(node.inputs[1])
+    zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(1, np.int64)
+    if scale is None or zero is None:
+        return None
+    rank = len(value.shape) if value.shape is not None else 1
+    return scale.astype(np.float32).ravel(), zero.astype(np.int64).ravel(), _axis(node, rank) if scale.size > 1 else 0
+
+
+def _params_key(node: ir.Node) -> tuple:
+    arrays = [constant_array(v) if v is not None else None for v in node.inputs[1:3]]
+    return (node.attributes.get_int("axis", 1), *(None if a is None else (a.dtype.str, a.tobytes()) for a in arrays))
 
 
 def opset(node: ir.Node) -> int:
@@ -110,6 +160,7 @@ class Lowering:
         self._nhwc: dict[ir.Value, int] = {}   # NHWC tensors of 4-D values
         self._constants: dict[tuple, int] = {}
         self._names: Counter = Counter()
+        self.memo: dict = {}  # what rules work out about a node once, for other rules to ask
 
     def _name(self, name: str) -> str:
         self._names[name] += 1
@@ -120,8 +171,19 @@ class Lowering:
         if value in self._tensors:
             raise AssertionError(f"{value.name} is defined twice")
         index = self.fm.tensor(self._name(value.name), shape(value), tensor_type(np_type(value)))
+        self._quantize(index, value)
         self._tensors[value] = index
         return index
+
+    def alias(self, value: ir.Value, index: int) -> None:
+        """`value` is held by an existing tensor (an op that computes nothing in TFLite)."""
+        if value in self._tensors:
+            raise AssertionError(f"{value.name} is defined twice")
+        self._tensors[value] = index
+
+    def _quantize(self, index: int, value: ir.Value) -> None:
+        if np_type(value).kind in "iu" and (params := quantization(value)) is not None:
+            self.fm.quantize(index, *params)
 
     def value(self, value: ir.Value) -> int:
         """The tensor holding `value` (NCHW) as an operand: defined earlier, or a constant written now."""
@@ -136,6 +198,7 @@ class Lowering:
         if array is None:
             raise AssertionError(f"{value.name} is read before a rule defined it")
         index = self.weight(value, array)
+        self._quantize(index, value)
         self._tensors[value] = index
         return index
 
@@ -192,6 +255,12 @@ class Lowering:
             owner = self.node.name if self.node is not None else "edgec"
             self._constants[key] = self._constant(array, f"{owner}/{hint}")
         return self._constants[key]
+
+    def quantized_constant(self, array: np.ndarray, name: str, scale, zero_point=0, axis: int = 0) -> int:
+        """An integer constant of its own (never shared: its scales belong to one operator)."""
+        index = self.fm.constant(self._name(name), array)
+        self.fm.quantize(index, scale, zero_point, axis)
+        return index
 
     def int32(self, values, hint: str = "shape") -> int:
         return self.const(np.asarray(values, dtype=np.int32).reshape(-1), hint=hint)
@@ -306,4 +375,4 @@ def numel(dims) -> int:
 
 
 # The rules register themselves on import; they need the names above, so they come last.
-from edgec.backends.tflite import ops_elementwise, ops_layout, ops_spatial  # noqa: E402,F401
+from edgec.backends.tflite import ops_elementwise, ops_integer, ops_layout, ops_spatial  # noqa: E402,F401

@@ -6,7 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.backends.tflite.lower import (Lowering, const, is_const, normalize_axis, np_type, opset,
-                                         only_uses, rule, shape)
+                                         rule, shape)
+from edgec.backends.tflite.ops_integer import fully_connected, fusable_bias, lower_integer_product
 from edgec.backends.tflite.writer import Op, options, tensor_type
 
 F32 = np.dtype(np.float32)
@@ -405,29 +406,12 @@ def _check_matmul(node: ir.Node) -> str | None:
     return None
 
 
-def _fusable_bias(mm_out: ir.Value, n: int) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
-    """The Add that only adds a constant [n] bias to the product, which FULLY_CONNECTED can take."""
-    add = only_uses(mm_out)
-    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-        return None
-    other = add.inputs[1] if add.inputs[0] is mm_out else add.inputs[0]
-    bias = const(other)
-    if bias is None or bias.dtype != np.float32 or bias.size != n or shape(add.outputs[0]) != shape(mm_out):
-        return None
-    if bias.ndim and bias.shape[-1] != n:
-        return None
-    return add, other, bias.reshape(n)
-
-
-def fully_connected(ctx: Lowering, x: int, weight: int, bias: int, out: int) -> None:
-    opts = options("FullyConnected", keepNumDims=True)
-    ctx.op(Op.FULLY_CONNECTED, [x, weight, bias], [out], opts, version=5)  # keep_num_dims: version 5
-
-
 @rule("MatMul", check=_check_matmul)
 def lower_matmul(ctx: Lowering, node: ir.Node) -> None:
     """A constant 2-D right operand makes a FULLY_CONNECTED (weights [out, in], a following bias Add
-    fused in); anything else is a BATCH_MATMUL."""
+    fused in); anything else is a BATCH_MATMUL. Quantized ones run in integers where they can."""
+    if lower_integer_product(ctx, node):
+        return
     a, b = node.inputs
     weight = const(b)
     if weight is None or weight.ndim != 2:
@@ -435,7 +419,7 @@ def lower_matmul(ctx: Lowering, node: ir.Node) -> None:
         return
     n = weight.shape[1]
     w = ctx.weight(b, np.ascontiguousarray(weight.T), "transposed")
-    fused = _fusable_bias(node.outputs[0], n)
+    fused = fusable_bias(node.outputs[0], n)
     if fused is not None:
         add, bias_value, bias = fused
         ctx.absorbed.add(add)
@@ -455,7 +439,9 @@ def _check_gemm(node: ir.Node) -> str | None:
 @rule("Gemm", check=_check_gemm)
 def lower_gemm(ctx: Lowering, node: ir.Node) -> None:
     """alpha * A' B' + beta * C with constant B and C: one FULLY_CONNECTED (plus an ADD for a C that is
-    not a row vector)."""
+    not a row vector). Quantized ones run in integers where they can."""
+    if lower_integer_product(ctx, node):
+        return
     attrs = node.attributes
     alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
     b = const(node.inputs[1])

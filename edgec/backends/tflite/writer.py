@@ -93,6 +93,15 @@ class FlatModel:
         self._data_bytes += len(raw)
         return index
 
+    def quantize(self, index: int, scale, zero_point, axis: int = 0) -> None:
+        """Marks tensor `index` as quantized: real = scale * (q - zero_point), per channel along `axis`
+        when there are several scales."""
+        q = schema.QuantizationParametersT()
+        q.scale = [float(v) for v in np.ravel(scale)]
+        q.zeroPoint = [int(v) for v in np.broadcast_to(np.ravel(zero_point), (len(q.scale),))]
+        q.quantizedDimension = int(axis) if len(q.scale) > 1 else 0
+        self.tensors[index].quantization = q
+
     def shape(self, index: int) -> tuple[int, ...]:
         return tuple(self.tensors[index].shape)
 

@@ -1,7 +1,11 @@
 """insert-qdq: static, full-integer quantization written as standard QDQ ONNX. Weights become int8
 initializers behind DequantizeLinear, every activation a quantized op reads gets one
 QuantizeLinear/DequantizeLinear pair with scales from calibration ranges, and embedding tables are
-gathered as int8 then dequantized. onnxruntime, TensorRT and QNN all read this form."""
+gathered as int8 then dequantized. onnxruntime, TensorRT and QNN all read this form.
+
+With `outputs`, the result of each quantized MatMul/Gemm/Conv (after its bias Add, when a constant bias
+follows) gets a pair too: runtimes whose integer kernels write integers (TFLite's int8 FULLY_CONNECTED
+and BATCH_MATMUL) need the output's scale, and that is where it comes from."""
 
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ _OPS = {"MatMul", "Gemm", "Conv", "Gather"}
 SCHEMES: dict[str, tuple[type, int, int, bool]] = {
     "uint8": (np.uint8, 0, 255, False),
     "int8": (np.int8, -127, 127, True),
+    # int8 with a zero point: all 256 levels for one-sided ranges (softmax, GELU); TFLite's int8 kernels
+    # take it, with weights still symmetric
+    "int8-asym": (np.int8, -128, 127, False),
     "uint16": (np.uint16, 0, 65535, False),
     "int16": (np.int16, -32767, 32767, True),
 }
@@ -47,7 +54,7 @@ _CONTRIB = "com.microsoft"
 @dataclass
 class InsertQdqOptions:
     # activation scheme: uint8 asymmetric, int8 symmetric, or 16-bit (Hexagon's A16W8, say)
-    activations: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
+    activations: Literal["uint8", "int8", "int8-asym", "uint16", "int16"] = "uint8"
     weights: Literal["int8"] = "int8"  # symmetric
     per_channel: bool = True
     # also quantize MatMuls of two activations (Q·Kᵀ and P·V) when the target runs them in integers
@@ -55,6 +62,10 @@ class InsertQdqOptions:
     # weight-only int8 for Gather from a constant table (half of MiniLM's bytes are embeddings)
     embeddings: bool = True
     exclude: tuple[str, ...] = ()  # node names kept in float (mixed precision chooses them)
+    # also quantize what each quantized op computes (see the module's docstring), except the results
+    # of `float_outputs` (node names: results whose int8 error calibration found too large)
+    outputs: bool = False
+    float_outputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -67,6 +78,7 @@ class _Rewrite:
     activations: tuple[ir.Value, ...] = ()
     weight: ir.Value | None = None  # linear: the constant weight input; embedding: the table
     axis: int | None = None  # the weight's per-channel axis; None: one scale for the tensor
+    output: ir.Value | None = None  # with `outputs`: the value whose pair carries the result's scale
 
 
 # --- matching ----------------------------------------------------------------------------------------
@@ -132,6 +144,22 @@ def _match_gather(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | 
     return _Rewrite(node, "embedding", table.dtype, weight=table, axis=rank - 1 if options.per_channel else None)
 
 
+def _output_point(r: _Rewrite) -> ir.Value | None:
+    """Where a quantized op's result is quantized: after the Add of a constant bias [n] that alone
+    reads a MatMul's product (integer kernels add the bias in int32), else the op's own output. None
+    for a graph output, which keeps its float type and name."""
+    y = r.node.outputs[0]
+    consumers = {use.node for use in y.uses()}
+    n = constant_tensor(r.weight).shape[-1] if r.node.op_type == "MatMul" and r.weight is not None else None
+    if n is not None and len(consumers) == 1 and not y.is_graph_output():
+        add = consumers.pop()
+        other = (add.inputs[1] if add.inputs[0] is y else add.inputs[0]) if is_onnx_op(add, "Add") else None
+        bias = constant_array(other) if other is not None else None
+        if bias is not None and bias.ndim <= 1 and bias.size == n:
+            y = add.outputs[0]
+    return None if y.is_graph_output() else y
+
+
 def _match(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | None:
     """What quantizing `node` takes, why it stays float, or None when it is no candidate."""
     if not is_onnx_op(node, *_OPS):
@@ -144,6 +172,9 @@ def _match(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | None:
         result = _match_linear(node, options)
     if isinstance(result, _Rewrite) and node.name in options.exclude:
         return "excluded"
+    if isinstance(result, _Rewrite) and options.outputs and result.kind != "embedding" \
+            and node.name not in options.float_outputs:
+        result.output = _output_point(result)
     return result
 
 
@@ -174,7 +205,8 @@ def _plan(model: ir.Model, options: InsertQdqOptions, allow: Callable[[], bool] 
 
 
 def _activation_names(rewrites: list[_Rewrite]) -> list[str]:
-    return list(dict.fromkeys(x.name for r in rewrites for x in r.activations))
+    values = [x for r in rewrites for x in (*r.activations, r.output) if x is not None]
+    return list(dict.fromkeys(x.name for x in values))
 
 
 def _typed(model: ir.Model) -> None:
@@ -188,6 +220,12 @@ def quantizable_activations(model: ir.Model, options: InsertQdqOptions) -> list[
     """The activations insert-qdq quantizes with `options` (what calibration must measure), in graph order."""
     _typed(model)
     return _activation_names(_plan(model, options)[0])
+
+
+def quantized_outputs(model: ir.Model, options: InsertQdqOptions) -> dict[str, str]:
+    """node name -> the result insert-qdq quantizes for that node with `options` (see `outputs`)."""
+    _typed(model)
+    return {r.node.name: r.output.name for r in _plan(model, options)[0] if r.output is not None}
 
 
 def near_misses(model: ir.Model, options: InsertQdqOptions) -> dict[str, str]:
@@ -261,9 +299,11 @@ class _Builder:
             if model.opset_imports.get("", 0) < _STANDARD_16BIT_OPSET:
                 self.domain = _CONTRIB
 
-    def _node(self, anchor: ir.Node, op: str, inputs, like: ir.Value, dtype: ir.DataType, domain: str = "", **attrs) -> ir.Value:
+    def _node(self, anchor: ir.Node, op: str, inputs, like: ir.Value, dtype: ir.DataType, domain: str = "",
+              *, after: bool = False, **attrs) -> ir.Value:
+        """A new node placed before `anchor` (after it with `after`)."""
         node = ir.node(op, inputs, attrs, domain=domain)
-        self.graph.insert_before(anchor, node)
+        (self.graph.insert_after if after else self.graph.insert_before)(anchor, node)
         out = node.outputs[0]
         out.type = ir.TensorType(dtype)
         if like.shape is not None:
@@ -274,17 +314,30 @@ class _Builder:
         self.added_bytes += array.nbytes
         return add_initializer(self.graph, array)
 
-    def activation(self, x: ir.Value, dtype: ir.DataType, reader: ir.Node) -> ir.Value:
-        """x through its QuantizeLinear/DequantizeLinear pair, built before `reader` the first time."""
+    def activation(self, x: ir.Value, dtype: ir.DataType, reader: ir.Node, *, after: bool = False) -> ir.Value:
+        """x through its QuantizeLinear/DequantizeLinear pair, built before `reader` the first time
+        (after it with `after`: `reader` is then x's producer)."""
         if id(x) not in self.pairs:
             low, high = self.ranges[x.name]
             scale, zero = activation_params(low, high, self.options.activations, dtype.numpy())
             s, z = add_initializer(self.graph, scale), add_initializer(self.graph, zero)
             if self.domain:
                 self.model.opset_imports.setdefault(self.domain, 1)
-            q = self._node(reader, "QuantizeLinear", [x, s, z], x, ir.DataType.from_numpy(zero.dtype), self.domain)
-            self.pairs[id(x)] = self._node(reader, "DequantizeLinear", [q, s, z], x, dtype, self.domain)
+            q = self._node(reader, "QuantizeLinear", [x, s, z], x, ir.DataType.from_numpy(zero.dtype), self.domain,
+                           after=after)
+            self.pairs[id(x)] = self._node(q.producer() if after else reader, "DequantizeLinear", [q, s, z], x, dtype,
+                                           self.domain, after=after)
         return self.pairs[id(x)]
+
+    def output(self, y: ir.Value, dtype: ir.DataType) -> None:
+        """Puts y's pair right after its producer and has every reader of y read the pair instead;
+        a quantized op reading y later finds the pair built."""
+        if id(y) in self.pairs:
+            return
+        readers = [(use.node, use.idx) for use in y.uses()]
+        dq = self.activation(y, dtype, y.producer(), after=True)
+        for node, index in readers:
+            node.replace_input_with(index, dq)
 
     def _codes(self, w: ir.Value, axis: int | None) -> tuple[ir.Value, ir.Value]:
         codes, scale = quantize_weight(constant_array(w), axis)
@@ -330,7 +383,7 @@ class InsertQdqPass(Pass):
         ensure_shapes(model, ctx, _OPS)
         rewrites, _ = _plan(model, self.options, lambda: ctx.allow(self.name))
         stats = dict.fromkeys(("ops_quantized", "weights_quantized", "activations_quantized", "attention_matmuls",
-                               "embeddings_quantized", "weight_bytes_saved"), 0)
+                               "embeddings_quantized", "outputs_quantized", "weight_bytes_saved"), 0)
         if not rewrites:
             return PassResult(model, False, stats)
         given = ctx.options.get(RANGES_KEY) or {}
@@ -362,6 +415,9 @@ class InsertQdqPass(Pass):
                 if r.weight is not None:
                     floats[id(r.weight)] = r.weight
                     node.replace_input_with(1, b.weight(r.weight, r.axis, node))
+                if r.output is not None:
+                    b.output(r.output, r.dtype)
+                    stats["outputs_quantized"] += 1
                 stats["attention_matmuls"] += r.kind == "attention"
             stats["ops_quantized"] += 1
         sizes = {key: _nbytes(w) for key, w in floats.items()}

@@ -83,7 +83,7 @@ def test_matmul_gets_int8_weight_and_activation_pair():
         xs=x_scale, wq=codes, ws=scales)
     result = quantize(before, {"x": (-1.0, 3.0)}, expected)
     assert result.stats == {"ops_quantized": 1, "weights_quantized": 1, "activations_quantized": 1,
-                            "attention_matmuls": 0, "embeddings_quantized": 0, "weight_bytes_saved": 48 - 12 - 12}
+                            "attention_matmuls": 0, "embeddings_quantized": 0, "outputs_quantized": 0, "weight_bytes_saved": 48 - 12 - 12}
 
 
 def test_gather_from_constant_table_dequantizes_the_rows():
@@ -375,3 +375,61 @@ def test_zoo_bert_quantized_stays_close(zoo_model):
     other = zoo.zoo_inputs("bert", path, seed=1, seq_len=12)
     assert cosine(run_model(result.model, other)["last_hidden_state"], run_model(model_, other)["last_hidden_state"]) > 0.99
     assert not InsertQdqPass()(result.model, ctx_with(ranges)).modified
+
+
+# --- outputs: the results of quantized ops, for kernels that write integers ---------------------------
+
+DENSE_SIG = "g (float[N,4] x, float[N,3] r) => (float[N,3] y)"
+DENSE_BODY = "h = MatMul(x, w)\nb = Add(h, bias)\ny = Add(b, r)"
+DENSE_INITS = "float[3] bias = {0.5, -0.25, 1.0}"
+
+
+def weighted(signature, body, inits="", **arrays):
+    """A graph whose named weights get exact contents."""
+    declared = ", ".join(f"float[{','.join(map(str, a.shape))}] {name} = {{{','.join(['0'] * a.size)}}}"
+                         for name, a in arrays.items())
+    return consts(model(signature, body, ", ".join(filter(None, [inits, declared]))), **arrays)
+
+
+def dense(body=DENSE_BODY, signature=DENSE_SIG, inits=DENSE_INITS):
+    return weighted(signature, body, inits, w=W)
+
+
+def test_outputs_quantizes_the_result_after_its_bias():
+    before = dense()
+    assert quantizable_activations(before, InsertQdqOptions(outputs=True)) == ["x", "b"]
+    result = quantize(before, {"x": (-2.0, 2.0), "b": (-4.0, 4.0)}, outputs=True, activations="int8")
+    m = result.model
+    q = [n for n in ops(m, "QuantizeLinear") if n.inputs[0].name == "b"]
+    assert len(q) == 1
+    (dq,) = [u.node for u in q[0].outputs[0].uses()]
+    # The residual Add reads the pair, and nothing reads the float sum but its QuantizeLinear.
+    assert [u.node.op_type for u in dq.outputs[0].uses()] == ["Add"]
+    assert {u.node.op_type for u in q[0].inputs[0].uses()} == {"QuantizeLinear"}
+    assert result.stats["outputs_quantized"] == 1
+    x = np.random.default_rng(0).uniform(-2, 2, (5, 4)).astype(np.float32)
+    r = np.random.default_rng(1).uniform(-1, 1, (5, 3)).astype(np.float32)
+    want = run_model(before, {"x": x, "r": r})["y"]
+    assert cosine(run_model(m, {"x": x, "r": r})["y"], want) > 0.999
+
+
+def test_outputs_near_misses():
+    # A bias computed at run time is no bias: the product itself is quantized.
+    m = weighted("g (float[N,4] x, float[3] c) => (float[N,3] y)", "h = MatMul(x, w)\nb = Add(h, c)\ny = Relu(b)", w=W)
+    assert quantizable_activations(m, InsertQdqOptions(outputs=True)) == ["x", "h"]
+    # A graph output keeps its float type and name.
+    m = weighted("g (float[N,4] x) => (float[N,3] y)", "h = MatMul(x, w)\ny = Add(h, bias)", DENSE_INITS, w=W)
+    assert quantizable_activations(m, InsertQdqOptions(outputs=True)) == ["x"]
+    # float_outputs keeps a node's result float; outputs=False (the default) quantizes no result.
+    m = dense()
+    node = next(n.name for n in m.graph if n.op_type == "MatMul")
+    assert quantizable_activations(m, InsertQdqOptions(outputs=True, float_outputs=(node,))) == ["x"]
+    assert quantizable_activations(m, InsertQdqOptions()) == ["x"]
+
+
+def test_outputs_of_a_chain_share_one_pair():
+    """The result of one quantized op read by the next quantized op gets one pair, not two."""
+    w2 = np.linspace(-1, 1, 9, dtype=np.float32).reshape(3, 3)
+    m = weighted("g (float[N,4] x) => (float[N,3] y)", "h = MatMul(x, w)\nz = MatMul(h, w2)\ny = Relu(z)", w=W, w2=w2)
+    result = quantize(m, {"x": (-2.0, 2.0), "h": (-3.0, 3.0), "z": (-3.0, 3.0)}, outputs=True)
+    assert len(ops(result.model, "QuantizeLinear")) == 3
