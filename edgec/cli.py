@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="backends that tune (tvm): MetaSchedule trial budget; 0 = the backend's default")
     c.add_argument("--tuning-db", type=Path, help="tuning database folder, reused by later compiles (default: in the cache)")
+    c.add_argument("--npu-aot", choices=("auto", "off"), default="auto",
+                   help="tflite: AOT-compile for the target's Qualcomm NPU where its SDK is installed (default auto)")
     c.add_argument("--tolerance", help="widen/narrow verification, e.g. min_cosine=0.999,min_sqnr_db=30")
     c.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
     c.add_argument("--debug-counter", help="stop passes after N rewrites, e.g. fold-constants=3 (bisecting)")
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--target", "-t")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--backend", help="with --target: the backend whose unsupported nodes to list (default: the target's)")
     i.add_argument("--exporter", default="dynamo", choices=EXPORTERS, help="torch exporter for model folders")
 
     o = sub.add_parser("opt", help="run a pass pipeline on a model (like mlir-opt)")

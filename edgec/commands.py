@@ -53,6 +53,7 @@ def cmd_compile(args) -> int:
         smooth=args.smooth != "off",
         tune_trials=args.tune_trials,
         tuning_db=args.tuning_db,
+        npu_aot=args.npu_aot,
         pipeline=args.pipeline,
         backend=args.backend,
         tolerance=args.tolerance,
@@ -150,13 +151,18 @@ def _print_compile(report: dict, console) -> None:
     summary.add_row("status", "[green]passed[/]" if v["passed"] else f"[red]failed: {'; '.join(v['failures'])}[/]")
     if report["artifact"]:
         summary.add_row("artifact", report["artifact"])
+    aot = (report.get("artifact_meta") or {}).get("npu_aot")
+    if aot:
+        done = f"{aot['file']}" if aot["status"] == "compiled" else f"skipped: {aot['reason']}"
+        summary.add_row(f"{aot['soc']} NPU AOT", done)
     for note in report["notes"]:
         summary.add_row("note", note)
     console.print(summary)
 
 
 # ---------------------------------------------------------------------------------------------- inspect
-def inspect_model(model_path: str, target_name: str | None = None, exporter: str = "dynamo") -> dict:
+def inspect_model(model_path: str, target_name: str | None = None, exporter: str = "dynamo",
+                  backend_name: str | None = None) -> dict:
     from edgec.analysis.cost import model_cost
     from edgec.frontends.onnx import ORIGINAL_OPSET_KEY
     from edgec.sources import load_source
@@ -197,6 +203,7 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
             info["target"] = {
                 "name": target.name,
                 "unsupported_ops": {op: list(why) for op, why in unsupported.items()},
+                "backend": _backend_check(model, target, backend_name),
                 "estimated_latency_s": estimate,
                 "estimate_precision": precision,
                 "estimate_note": "roofline estimate from the profile's peak throughput and bandwidth, not a measurement",
@@ -205,6 +212,32 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _backend_check(model, target, requested: str | None) -> dict:
+    """What the target's backend (or `requested`) makes of the model: the nodes its emitter cannot
+    take, on a copy lowered as the compile lowers it (static shapes where the backend needs them:
+    batch 1 and the generated inputs' other dims)."""
+    from edgec.compiler import _has_dynamic_dims, _specialize, choose_backend
+    from edgec.passes.core import PassContext
+    from edgec.passes.manager import PassManager
+    from edgec.verify import generate_inputs
+
+    notes: list[str] = []
+    try:
+        backend = choose_backend(target, requested, notes)
+    except UserError as exc:
+        return {"name": requested, "error": str(exc), "notes": notes}
+    lowered = eir.clone(model)
+    if not backend.dynamic_shapes and _has_dynamic_dims(lowered):
+        _specialize(lowered, {}, generate_inputs(lowered))
+    pipeline = ",".join(p for p in (target.default_pipeline, backend.lowering_pipeline(target, "fp32")) if p)
+    ctx = PassContext(target=target, options={"precision": "fp32", "backend": backend.name})
+    PassManager(pipeline or [], ctx).run(lowered)
+    op_types = {node.name: node.op_type for node in lowered.graph}
+    problems = backend.unsupported_ops(lowered)
+    return {"name": backend.name, "notes": notes,
+            "unsupported": {name: {"op": op_types.get(name, "?"), "why": why} for name, why in problems.items()}}
 
 
 def _structure_info(model) -> dict:
@@ -263,7 +296,7 @@ def _print_attention(info: dict, console) -> None:
 
 def cmd_inspect(args) -> int:
     with _status("inspecting"):
-        info = inspect_model(args.model, args.target, args.exporter)
+        info = inspect_model(args.model, args.target, args.exporter, args.backend)
     if args.json:
         print(dumps(info))
         return 0
@@ -300,8 +333,24 @@ def cmd_inspect(args) -> int:
             console.print(table)
         else:
             console.print(f"every op runs on {t['name']}")
+        _print_backend_check(t["backend"], console)
         console.print(f"estimated latency on {t['name']} ({t['estimate_precision']}): {t['estimated_latency_s'] * 1e3:.2f} ms ({t['estimate_note']})")
     return 0
+
+
+def _print_backend_check(check: dict, console) -> None:
+    if "error" in check:
+        console.print(f"no backend: {check['error']}")
+        return
+    if not check["unsupported"]:
+        console.print(f"the {check['name']} backend takes every node")
+        return
+    table = Table(title=f"nodes the {check['name']} backend cannot take ({len(check['unsupported'])})", show_edge=False)
+    for col in ("node", "op", "why"):
+        table.add_column(col)
+    for name, problem in check["unsupported"].items():
+        table.add_row(name, problem["op"], problem["why"])
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- opt

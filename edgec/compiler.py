@@ -65,6 +65,9 @@ class CompileOptions:
     # default) and the tuning database kept between compiles (default: under cache_dir).
     tune_trials: int = 0
     tuning_db: Path | None = None
+    # TFLite for a target with a Qualcomm SoC: also AOT-compile for its NPU where Qualcomm's SDK is
+    # installed ("auto"; the report says why not where it is not), or never ("off").
+    npu_aot: str = "auto"
     cache_dir: Path | None = None  # calibration statistics; default: $EDGEC_CACHE_DIR or ~/.cache/edgec
     exporter: str = "dynamo"
     debug_counter: str | None = None
@@ -378,6 +381,7 @@ def compile_model(
             "final_nodes": eir.node_count(model),
         },
         "static_shapes": static_shapes,
+        "artifact_meta": artifact.meta if not failures else None,
         "notes": notes + [f"{group} was still changing after {MAX_FIXPOINT_ROUNDS} rounds" for group in result.unsettled],
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 4)},
     }

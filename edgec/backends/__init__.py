@@ -76,6 +76,11 @@ class Backend:
         items += self.fusions
         return ",".join([*items, "cleanup"]) if items else ""
 
+    def unsupported_ops(self, model: ir.Model) -> dict[str, str]:
+        """Node name -> why `emit` cannot take that node of the lowered IR (empty when it takes all),
+        asked by `edgec inspect --target` before anything is emitted."""
+        return {}
+
     def artifact_names(self, stem: str = "model") -> tuple[str, ...]:
         """Every file or folder name `emit` may write into the output folder."""
         raise NotImplementedError

@@ -119,6 +119,8 @@ class Target:
     backends: tuple[str, ...]  # in order of preference
     default_pipeline: str
     cpu_features: tuple[str, ...] = ()
+    # The chip's part number where vendors' ahead-of-time NPU compilers name it (Qualcomm's "SM8650").
+    soc: str = ""
     source_path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +182,7 @@ class Target:
             "default_pipeline": self.default_pipeline,
             "precisions": list(self.precisions),
             "cpu_features": list(self.cpu_features),
+            "soc": self.soc,
             "source_path": self.source_path,
             "units": [
                 {
@@ -230,7 +233,7 @@ def _reject_unknown(table: dict, allowed: Iterable[str], where: str) -> None:
 
 
 _TARGET_KEYS = ("name", "description", "arch", "backends", "default_pipeline", "cpu_features", "memory_bandwidth",
-                "memory_size", "units")
+                "memory_size", "soc", "units")
 _UNIT_KEYS = ("name", "kind", "description", "peak_ops", "ops")
 
 
@@ -263,6 +266,7 @@ def _target_from_table(data: dict, source_path: str | None) -> Target:
         backends=_strings(data, "backends", ""),
         default_pipeline=_take(data, "default_pipeline", str, ""),
         cpu_features=_strings(data, "cpu_features", "", required=False) or (),
+        soc=_take(data, "soc", str, "", required=False) or "",
         source_path=source_path,
     )
 

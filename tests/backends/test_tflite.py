@@ -361,6 +361,14 @@ def test_cli_compiles_for_snapdragon_with_the_shapes_given(zoo_model, tmp_path, 
     report = json.loads((out / "report.json").read_text())
     assert report["backend"] == "tflite" and report["static_shapes"]["input_ids"] == [1, 24]
     assert (out / "model.tflite").is_file()
+    # snapdragon-8 names its SoC: the NPU build is offered, and where Qualcomm's SDK is missing the
+    # compile says so and keeps the portable .tflite.
+    aot = report["artifact_meta"]["npu_aot"]
+    assert aot["soc"] == "SM8650" and "SM8650 NPU AOT" in printed
+    if aot["status"] == "skipped":
+        assert "libQnnHtp.so" in aot["reason"] and "LD_LIBRARY_PATH" in aot["reason"]
+    else:
+        assert (out / aot["file"]).is_file()
     # A shape that does not fit the model is one clear error, and nothing is written.
     bad = tmp_path / "bad"
     assert main(["compile", str(source), "--target", "snapdragon-8", "--shape", "input_ids=1x24x3", "-o", str(bad)]) == 2
@@ -505,3 +513,47 @@ def test_minilm_int8_for_snapdragon(minilm_exports, polarity_npz, tmp_path):
     assert result.artifact.size_bytes <= 25e6
     outputs = result.report["quantization"]["outputs"]
     assert outputs["float"] and outputs["quantized"]  # the residual branches stay float, the rest is int8
+
+
+def test_npu_aot_is_offered_only_where_asked_and_known(tmp_path):
+    from edgec.backends.tflite import aot
+    from edgec.compiler import CompileOptions
+
+    model = onnx_graph("g (float[2] x) => (float[2] y)", "y = Relu(x)")
+    backend = TFLiteBackend()
+    backend.configure(CompileOptions(target="snapdragon-8", npu_aot="off"), print)
+    assert "npu_aot" not in backend.emit(model, tmp_path / "off", target=TARGET, precision="fp32").meta
+    with pytest.raises(UserError, match="auto or off"):
+        backend.configure(CompileOptions(target="snapdragon-8", npu_aot="yes"), print)
+    assert "names no Qualcomm SoC" in aot.unavailable_reason(get_target("raspberry-pi-5"))
+    assert "npu_aot" not in BACKEND.emit(model, tmp_path / "pi", target=get_target("raspberry-pi-5"), precision="fp32").meta
+
+
+def test_npu_aot_compiles_where_qualcomm_sdk_is_installed(zoo_model, tmp_path):
+    from edgec.backends.tflite import aot
+
+    reason = aot.unavailable_reason(TARGET)
+    if reason is not None:
+        pytest.skip(reason)
+    path = zoo_model("bert", "dynamo")
+    model = compile_for_tflite(path, {"input_ids": (1, 16), "attention_mask": (1, 16), "token_type_ids": (1, 16)})
+    artifact = emit(model, tmp_path, "fp16")
+    assert artifact.meta["npu_aot"]["status"] == "compiled"
+    assert (tmp_path / artifact.meta["npu_aot"]["file"]).stat().st_size > 0
+
+
+def test_inspect_lists_the_nodes_the_backend_cannot_take(tmp_path, capsys):
+    import onnx
+
+    from edgec.cli import main
+
+    path = tmp_path / "erf.onnx"
+    onnx.save(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,4] y) { e = Erf(x)\n y = Relu(e) }"""), path)
+    assert main(["inspect", str(path), "--target", "snapdragon-8", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["target"]["backend"]
+    assert check["name"] == "tflite" and [p["op"] for p in check["unsupported"].values()] == ["Erf"]
+    assert main(["inspect", str(path), "--target", "snapdragon-8", "--backend", "onnxruntime"]) == 0
+    assert "the onnxruntime backend takes every node" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--target", "snapdragon-8"]) == 0
+    assert "nodes the tflite backend cannot take (1)" in capsys.readouterr().out
