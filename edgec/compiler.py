@@ -271,6 +271,11 @@ def compile_model(
             static_shapes = _specialize(model, options.shapes or {}, feeds)
             # Calibration and the accuracy budget run the specialized model: their data takes its shapes.
             if calib_feeds is not None:
+                cut = sorted(k for k, v in calib_feeds.items() if k in static_shapes
+                             and any(a > d for a, d in zip(v.shape[1:], static_shapes[k][1:])))
+                if cut:
+                    notes.append(f"calibration inputs {', '.join(cut)} were cut to the static shapes "
+                                 "(the artifact sees no more than that)")
                 calib_feeds = fit_feeds(calib_feeds, static_shapes)
             if evaluation is not None:
                 evaluation = dataclasses.replace(evaluation, feeds=fit_feeds(evaluation.feeds, static_shapes))

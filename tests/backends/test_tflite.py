@@ -487,6 +487,9 @@ def test_zoo_model_int8_for_snapdragon(arch, zoo_model, tmp_path):
             calib[k] = (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype)
         elif k == "input_ids":
             calib[k] = rng.integers(1, int(v.max()) + 1, v.shape).astype(v.dtype)
+    tokens = "input_ids" in calib
+    if tokens:  # longer than the artifact's static sequence: cut to it, and the report says so
+        calib = {k: np.concatenate([v, v[:, :4]], axis=1) for k, v in calib.items()}
     np.savez(tmp_path / "calib.npz", **calib)
     np.savez(tmp_path / "inputs.npz", **feeds)
     result = compile_model(path, CompileOptions(target="snapdragon-8", outdir=tmp_path / "out", precision="int8",
@@ -496,6 +499,7 @@ def test_zoo_model_int8_for_snapdragon(arch, zoo_model, tmp_path):
     ops = tflite_ops(result.artifact.path)
     assert "FULLY_CONNECTED" in ops and "QUANTIZE" in ops, ops
     assert result.report["quantization"]["outputs"]["quantized"] > 0
+    assert any("cut to the static shapes" in note for note in result.report["notes"]) == tokens
 
 
 @pytest.mark.slow
