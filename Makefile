@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: setup demo test bench bench-fusion bench-attention bench-int8 clean
+.PHONY: setup setup-aarch64 demo test bench bench-fusion bench-attention bench-int8 bench-tflite bench-tvm clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,data,dev,tflite]'
+	$(BIN)/pip install -q -e '.[torch,data,dev,tflite,tvm]'
 	touch $@
 
 # Export the shipped all-MiniLM-L6-v2 with both torch exporters, tokenize the gensim test sentences,
@@ -25,7 +25,13 @@ demo: setup
 	$(BIN)/edgec compile $(OUT)/models/minilm-dynamo.onnx --target x86-64 --inputs $(OUT)/data/polarity.npz -o $(OUT)/minilm-dynamo-x86-64
 	$(BIN)/edgec compile $(OUT)/models/minilm-torchscript.onnx --target x86-64 --inputs $(OUT)/data/polarity.npz -o $(OUT)/minilm-torchscript-x86-64
 
+# The aarch64 cross toolchain and qemu-user (Debian packages, as root) and the aarch64 Python + TVM runtime
+# that runs TVM's aarch64 modules under emulation. Where it cannot be set up, those tests skip and say why.
+setup-aarch64: setup
+	PYTHON=$(BIN)/python bash tools/setup_aarch64.sh
+
 test: setup
+	-$(MAKE) --no-print-directory setup-aarch64
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: setup
@@ -42,6 +48,14 @@ bench-int8: setup
 # Cost curve and error of sliding-window and linear attention at 128-2048 tokens.
 bench-attention: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_attention.py
+
+# MiniLM for snapdragon-8 as fp32, fp16 and int8 .tflite: size, cosine, latency in LiteRT's interpreter.
+bench-tflite: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_tflite.py
+
+# MiniLM through TVM (host llvm): untuned and tuned against onnxruntime fp32.
+bench-tvm: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_tvm.py
 
 clean:
 	rm -rf $(OUT) .cache

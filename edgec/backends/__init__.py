@@ -95,8 +95,9 @@ class Backend:
 def _builtin_backends() -> dict[str, type[Backend]]:
     from edgec.backends.onnxruntime import OnnxRuntimeBackend
     from edgec.backends.tflite import TFLiteBackend
+    from edgec.backends.tvm import TVMBackend
 
-    return {OnnxRuntimeBackend.name: OnnxRuntimeBackend, TFLiteBackend.name: TFLiteBackend}
+    return {OnnxRuntimeBackend.name: OnnxRuntimeBackend, TFLiteBackend.name: TFLiteBackend, TVMBackend.name: TVMBackend}
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend", "edgec.backends", _builtin_backends)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.backends import Artifact, Backend
+from edgec.backends.static import TensorSpec, run_static
 from edgec.errors import UserError
 
 INSTALL_HINT = "pip install ai-edge-litert"
@@ -146,49 +147,11 @@ def run_tflite(path: Path, feeds: Mapping[str, np.ndarray], *, num_threads: int 
                               experimental_op_resolver_type=resolver)
     interpreter.allocate_tensors()
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    missing = [d["name"] for d in inputs if d["name"] not in feeds]
-    if missing:
-        raise RuntimeError(f"no feed for the input {', '.join(missing)} of {path.name}")
-    arrays = {d["name"]: np.asarray(feeds[d["name"]]) for d in inputs}
-    if all(arrays[d["name"]].shape == tuple(d["shape"]) for d in inputs):
-        for d in inputs:
-            interpreter.set_tensor(d["index"], arrays[d["name"]].astype(d["dtype"], copy=False))
-        interpreter.invoke()
-        return {d["name"]: interpreter.get_tensor(d["index"]).copy() for d in outputs}
-    batch, total, cropped = _plan(inputs, arrays)
-    results: dict[str, list[np.ndarray]] = {d["name"]: [] for d in outputs}
-    for start in range(0, total, batch):
-        rows = min(batch, total - start)
-        for d in inputs:
-            chunk = arrays[d["name"]][start:start + rows].astype(d["dtype"], copy=False)
-            padded = np.zeros(tuple(d["shape"]), d["dtype"])
-            padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
-            interpreter.set_tensor(d["index"], padded)
-        interpreter.invoke()
-        for d in outputs:
-            results[d["name"]].append(interpreter.get_tensor(d["index"])[:rows].copy())
-    merged = {}
-    for name, parts in results.items():
-        out = np.concatenate(parts, axis=0)
-        crop = tuple([slice(None)] + [slice(0, cropped.get(n, n)) for n in out.shape[1:]])
-        merged[name] = out[crop]
-    return merged
+    specs = [TensorSpec(d["name"], tuple(int(n) for n in d["shape"]), np.dtype(d["dtype"]).name) for d in inputs]
 
-
-def _plan(inputs, arrays) -> tuple[int, int, dict[int, int]]:
-    """(the artifact's batch, the feeds' batch, static size -> fed size for every padded axis)."""
-    batch = int(inputs[0]["shape"][0]) if len(inputs[0]["shape"]) else 1
-    totals = {a.shape[0] if a.ndim else 1 for a in arrays.values()}
-    if len(totals) != 1:
-        raise RuntimeError(f"the feeds disagree on the batch size: {sorted(totals)}")
-    cropped: dict[int, int] = {}
-    for d in inputs:
-        static, fed = tuple(int(n) for n in d["shape"]), arrays[d["name"]].shape
-        if len(static) != len(fed) or any(f > s for f, s in zip(fed[1:], static[1:])):
-            raise RuntimeError(
-                f"input {d['name']!r} of shape {'x'.join(map(str, fed))} does not fit the artifact's static "
-                f"shape {'x'.join(map(str, static))} (batch excepted): compile with larger --shapes")
-        for f, s in zip(fed[1:], static[1:]):
-            if f < s:
-                cropped[s] = f
-    return batch, totals.pop(), cropped
+    def call(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        for d, array in zip(inputs, arrays):
+            interpreter.set_tensor(d["index"], array)
+        interpreter.invoke()
+        return [interpreter.get_tensor(d["index"]).copy() for d in outputs]
+    return run_static(call, specs, [d["name"] for d in outputs], feeds, Path(path).name)

@@ -1,0 +1,43 @@
+"""TVM llvm targets (dict form) for edgec Targets: this machine's CPU, or an aarch64 device."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from edgec.errors import UserError
+
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def host_arch() -> str:
+    return _MACHINES.get(platform.machine().lower(), platform.machine().lower())
+
+
+def host_target() -> dict:
+    """llvm for this machine's CPU (what -mcpu=native picks) on all its cores.
+
+    The CPU model, not a feature list: LLVM derives the ISA extensions (AVX2, AVX-512, VNNI...) and
+    the scheduling model from it, and MetaSchedule reads the vector width from it.
+    """
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+
+
+def runs_here(target) -> bool:
+    """Whether an artifact for `target` is built for, and runs on, this machine's CPU."""
+    return target.arch == host_arch()
+
+
+def llvm_target(target) -> dict:
+    """The TVM target an edgec Target compiles to: the host CPU for the host's arch, an aarch64
+    cross target otherwise."""
+    if runs_here(target):
+        return host_target()
+    if target.arch == "aarch64":
+        from edgec.backends.tvm.emulate import aarch64_target
+
+        return aarch64_target(target)
+    raise UserError(f"the tvm backend cannot build for {target.arch} on this {host_arch()} machine",
+                    "compile on a machine of that architecture")
