@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from edgec.report import exclusive
+
 # Tests import the zoo as a plain module; make that independent of pytest's import mode.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,7 +45,7 @@ def minilm_exports(minilm_folder):
     out = zoo.cache_dir() / "minilm"
     paths = {e: out / f"minilm-{e}.onnx" for e in zoo.EXPORTERS}
     out.mkdir(parents=True, exist_ok=True)
-    with zoo._lock(out / "export.lock"):
+    with exclusive(out / "export.lock"):
         if not all(p.exists() for p in paths.values()):
             subprocess.run([sys.executable, str(ROOT / "tools/export_minilm.py"), "--out", str(out)], check=True)
     return paths

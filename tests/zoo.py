@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import os
 import pathlib
 
 import numpy as np
+
+from edgec.report import exclusive
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXPORTERS = ("dynamo", "torchscript")
@@ -105,22 +106,6 @@ def _key(arch: str, exporter: str) -> str:
     return f"{arch}-{exporter}-{versions}-{h.hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def _lock(path: pathlib.Path):
-    """An exclusive lock across processes (pytest-xdist workers), so a model is built once."""
-    try:
-        import fcntl
-    except ImportError:  # builds are atomic anyway; without flock two workers may both build
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def zoo_model(arch: str, exporter: str) -> pathlib.Path:
     """The cached ONNX export of the tiny `arch` model; builds it on first use."""
     if arch not in CONFIGS:
@@ -133,7 +118,7 @@ def zoo_model(arch: str, exporter: str) -> pathlib.Path:
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    with _lock(folder / f"{path.stem}.lock"):
+    with exclusive(folder / f"{path.stem}.lock"):
         if not path.exists():  # another worker may have built it while we waited
             from edgec.frontends.torch import export_model_by_config
 

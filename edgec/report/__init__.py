@@ -1,8 +1,10 @@
-"""The compile report: one JSON file a person or a CI job can read, written atomically; and the same
-atomic write for arrays (.npz) that edgec and its tools keep."""
+"""The compile report: one JSON file a person or a CI job can read, written atomically; the same
+atomic write for arrays (.npz) that edgec and its tools keep; and the lock for files written by several
+processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,3 +68,21 @@ def write_npz(path: str | os.PathLike, arrays: dict) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike):
+    """Holds an exclusive lock on the file `path` (created if missing) across processes: one writer at a
+    time for files that are appended to, one builder for what is built once. Where the OS has no flock
+    it holds none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

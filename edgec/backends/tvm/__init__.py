@@ -230,14 +230,9 @@ def _check_cross_compiler() -> None:
 
 
 def _check_database_folder(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"tuning database {path} exists and is not a folder", "pass a folder with --tuning-db")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the tuning database {path} ({existing} is not a writable folder)",
-                        "pass a writable folder with --tuning-db")
+    from edgec.compiler import _check_writable_folder
+
+    _check_writable_folder(path, "tuning database (--tuning-db)")
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgec.report import exclusive
+
 # Candidates measured per search round: MetaSchedule's default, lowered so that a budget reaches
 # every kernel (the task scheduler visits each kernel once before it picks by expected gain).
 TRIALS_PER_ROUND = 64
@@ -63,7 +65,7 @@ def tune(mod, target, database_dir: Path, budget: int, progress: Callable[[str],
     started = time.perf_counter()
     target = tvm.target.Target(target)
     database_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(database_dir / ".lock"):
+    with exclusive(database_dir / ".lock"):  # its JSON lines are not written atomically
         database = ms.database.JSONDatabase(work_dir=str(database_dir))
         tasks = ms.relax_integration.extract_tasks(mod, target)
         reused = sum(_record_count(database, task.dispatched[0]) for task in tasks)
@@ -141,18 +143,3 @@ def _console_level(level: int):
     finally:
         logger.setLevel(saved)
 
-
-@contextlib.contextmanager
-def _exclusive(path: Path):
-    """One compile at a time appends to a database (its JSON lines are not written atomically)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
