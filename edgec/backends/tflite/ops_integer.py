@@ -110,6 +110,7 @@ class Product:
     absorbed: tuple[ir.Node, ...]    # the bias Add and the output QuantizeLinear lowered with it
     weight: tuple[ir.Value, np.ndarray, np.ndarray] | None = None
     bias: tuple[ir.Value, np.ndarray] | None = None
+    bias_codes: np.ndarray | None = None  # fc: the bias in int32 at x_scale * w_scale
 
 
 def integer_product(ctx: Lowering, node: ir.Node) -> Product | None:
@@ -148,8 +149,9 @@ def _plan_product(node: ir.Node) -> Product | None:
             bias, point, absorbed = (bias_value, bias_array), add.outputs[0], (add,)
     x = _quantized_input(a)
     out_q = _quantized_output(point)
-    if x is not None and out_q is not None and _int32_bias(x, weight, bias) is not None:
-        return Product("fc", (x,), (a,), out_q.outputs[0], (*absorbed, out_q), weight, bias)
+    codes = _int32_bias(x, weight, bias) if x is not None and out_q is not None else None
+    if codes is not None:
+        return Product("fc", (x,), (a,), out_q.outputs[0], (*absorbed, out_q), weight, bias, codes)
     return Product("hybrid", (a,), (), point, absorbed, weight, bias)
 
 
@@ -195,8 +197,7 @@ def lower_integer_product(ctx: Lowering, node: ir.Node) -> bool:
     weight = _weight_tensor(ctx, product.weight)
     (x_value,) = product.inputs
     if product.kind == "fc":
-        codes = _int32_bias(x_value, product.weight, product.bias)
-        bias = ctx.quantized_constant(codes, "bias", quantization(x_value)[0][0] * product.weight[2])
+        bias = ctx.quantized_constant(product.bias_codes, "bias", quantization(x_value)[0][0] * product.weight[2])
         fully_connected(ctx, ctx.value(x_value), weight, bias, ctx.define(product.output))
         return True
     bias = -1 if product.bias is None else ctx.weight(product.bias[0], product.bias[1], "bias")
@@ -207,9 +208,9 @@ def lower_integer_product(ctx: Lowering, node: ir.Node) -> bool:
 # --- QuantizeLinear / DequantizeLinear -------------------------------------------------------------
 
 def _check_params(node: ir.Node) -> str | None:
-    for v in node.inputs[1:3]:
+    for what, v in zip(("scale", "zero point"), node.inputs[1:3]):
         if v is not None and constant_tensor(v) is None:
-            return f"{node.op_type} with a {('scale', 'zero point')[node.inputs.index(v) - 1]} computed at run time"
+            return f"{node.op_type} with a {what} computed at run time"
     if node.attributes.get_int("block_size", 0):
         return f"blocked {node.op_type}"
     return None
@@ -249,7 +250,7 @@ def lower_quantize(ctx: Lowering, node: ir.Node) -> None:
 
 
 def _check_dequantize(node: ir.Node) -> str | None:
-    if np_type(node.inputs[0]) not in _QUANTIZED_TYPES and not constant_tensor(node.inputs[0]):
+    if np_type(node.inputs[0]) not in _QUANTIZED_TYPES and constant_tensor(node.inputs[0]) is None:
         return f"DequantizeLinear of {np_type(node.inputs[0])}"
     if np_type(node.outputs[0]) != F32:
         return f"DequantizeLinear to {np_type(node.outputs[0])} (DEQUANTIZE writes float32)"

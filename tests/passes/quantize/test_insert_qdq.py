@@ -433,3 +433,19 @@ def test_outputs_of_a_chain_share_one_pair():
     m = weighted("g (float[N,4] x) => (float[N,3] y)", "h = MatMul(x, w)\nz = MatMul(h, w2)\ny = Relu(z)", w=W, w2=w2)
     result = quantize(m, {"x": (-2.0, 2.0), "h": (-3.0, 3.0), "z": (-3.0, 3.0)}, outputs=True)
     assert len(ops(result.model, "QuantizeLinear")) == 3
+
+
+def test_outputs_golden_graph():
+    codes = np.rint(W / (np.abs(W).max(axis=0) / np.float32(127))).astype(np.int8)
+    expected = consts(weighted(DENSE_SIG, """
+        xq = QuantizeLinear(x, xs, xz)
+        xd = DequantizeLinear(xq, xs, xz)
+        wd = DequantizeLinear <axis = 1> (wq, ws)
+        h = MatMul(xd, wd)
+        b = Add(h, bias)
+        bq = QuantizeLinear(b, bs, bz)
+        bd = DequantizeLinear(bq, bs, bz)
+        y = Add(bd, r)""", DENSE_INITS + ", float xs = {0.0}, int8 xz = {0}, float bs = {0.0}, int8 bz = {0}, "
+        "int8[4,3] wq = {0,0,0,0,0,0,0,0,0,0,0,0}, float[3] ws = {0,0,0}"),
+        xs=np.float32(2.0 / 127), bs=np.float32(4.0 / 127), wq=codes, ws=np.abs(W).max(axis=0) / np.float32(127))
+    quantize(dense(), {"x": (-2.0, 2.0), "b": (-4.0, 4.0)}, expected, outputs=True, activations="int8")
