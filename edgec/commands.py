@@ -170,6 +170,8 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
     from edgec.verify.inputs import graph_inputs
 
     target = get_target(target_name) if target_name else None
+    if backend_name is not None and target is None:
+        raise UserError("--backend names the backend whose nodes inspect checks for a target", "add --target")
     model, onnx_path, tmp = load_source(model_path, exporter=exporter)
     try:
         cost = model_cost(model)
@@ -227,7 +229,9 @@ def _backend_check(model, target, requested: str | None) -> dict:
     try:
         backend = choose_backend(target, requested, notes)
     except UserError as exc:
-        return {"name": requested, "error": str(exc), "notes": notes}
+        if requested is not None:  # the user named it: a user error, like compile's --backend
+            raise
+        return {"name": None, "error": str(exc), "notes": notes}
     lowered = eir.clone(model)
     if not backend.dynamic_shapes and _has_dynamic_dims(lowered):
         _specialize(lowered, {}, generate_inputs(lowered))

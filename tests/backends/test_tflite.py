@@ -561,3 +561,7 @@ def test_inspect_lists_the_nodes_the_backend_cannot_take(tmp_path, capsys):
     assert "the onnxruntime backend takes every node" in capsys.readouterr().out
     assert main(["inspect", str(path), "--target", "snapdragon-8"]) == 0
     assert "nodes the tflite backend cannot take (1)" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--target", "snapdragon-8", "--backend", "tvm"]) == 2
+    assert "does not use backend 'tvm'" in capsys.readouterr().err
+    assert main(["inspect", str(path), "--backend", "tflite"]) == 2
+    assert "add --target" in capsys.readouterr().err
