@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: setup setup-aarch64 demo test bench bench-fusion bench-attention bench-int8 bench-tflite bench-tvm clean
+.PHONY: setup setup-aarch64 demo test bench bench-fusion bench-attention bench-int8 bench-prune bench-tflite bench-tvm clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench-fusion: setup
 # MiniLM int8: onnxruntime's quantize_static / quantize_dynamic against edgec int8 and mixed.
 bench-int8: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_int8.py
+
+# MiniLM pruned at 0/25/50% heads x 0/25/50% FFN, with and without reconstruction, fp32 and int8: Pareto table.
+bench-prune: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_prune.py
 
 # Cost curve and error of sliding-window and linear attention at 128-2048 tokens.
 bench-attention: setup

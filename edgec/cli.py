@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8/mixed: SmoothQuant, each activation's strength chosen by measured error (default auto)")
     c.add_argument("--accuracy-budget", type=float, default=None,
                    help="mixed: with --metric cosine the least mean output cosine to the float model (default 0.999); "
+                        "--prune: the least mean output cosine to the original (default 0.95); "
                         "with top1 the most accuracy drop as a fraction (default 0.01)")
+    c.add_argument("--prune", metavar="SPEC",
+                   help="remove attention heads / FFN neurons: heads=0.25,ffn=0.25[,reconstruct=off] (shares of all), "
+                        "or auto with --latency-budget and/or --accuracy-budget (the least mean output cosine); needs --calib")
+    c.add_argument("--latency-budget", type=float, default=None, metavar="MS",
+                   help="--prune auto: the target's estimated latency (ms) to reach with the least pruning")
     c.add_argument("--eval", type=Path, help="mixed: data the budget is checked on (.npz; 'labels' for top1); default: --calib")
     c.add_argument("--metric", default="cosine", help="mixed: cosine | top1 (first output's argmax against --eval labels)")
     c.add_argument("--shape", action="append", metavar="NAME=DIMS",

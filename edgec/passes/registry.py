@@ -29,9 +29,9 @@ MAX_FIXPOINT_ROUNDS = 8
 
 
 def _builtin_passes() -> dict[str, type[Pass]]:
-    from edgec.passes import cleanup, fuse, quantize, replace
+    from edgec.passes import cleanup, fuse, prune, quantize, replace
 
-    return {cls.name: cls for cls in cleanup.PASSES + fuse.PASSES + replace.PASSES + quantize.PASSES}
+    return {cls.name: cls for cls in cleanup.PASSES + fuse.PASSES + replace.PASSES + prune.PASSES + quantize.PASSES}
 
 
 PASSES: Registry[type[Pass]] = Registry("pass", "edgec.passes", _builtin_passes)

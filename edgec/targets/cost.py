@@ -36,3 +36,8 @@ def estimate_node_seconds(
                 f"choose one of: {', '.join(chosen.precisions)}",
             )
     return max(flops / chosen.peak_ops[precision], bytes_moved / target.memory_bandwidth)
+
+
+def estimate_model_seconds(cost, target: Target, precision: str) -> float:
+    """Roofline estimate of a whole model: the sum of its nodes' (`cost` is an analysis.cost.ModelCost)."""
+    return sum(estimate_node_seconds(n.flops, n.bytes, target, precision) for n in cost.nodes)

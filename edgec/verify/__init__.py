@@ -165,6 +165,8 @@ def check_tolerance(figures: Mapping[str, float], tolerance: Mapping[str, float]
         failures.append(f"min cosine {figures['cosine_min']:.6f} < {tolerance['min_cosine']}")
     if figures["sqnr_db"] < tolerance["min_sqnr_db"]:
         failures.append(f"SQNR {figures['sqnr_db']:.1f} dB < {tolerance['min_sqnr_db']} dB")
+    if "min_cosine_mean" in tolerance and figures["cosine_mean"] < tolerance["min_cosine_mean"]:  # pruned models
+        failures.append(f"mean cosine {figures['cosine_mean']:.6f} < {tolerance['min_cosine_mean']}")
     return failures
 
 

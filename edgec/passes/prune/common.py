@@ -1,0 +1,395 @@
+"""What the structured-pruning passes share: calibration statistics of the units they remove, global
+ranking, bookkeeping in the model's metadata, and least-squares reconstruction.
+
+A unit is a set of columns of a projection's input: an attention head's slice of the O projection's
+input (its context vectors), or one FFN intermediate neuron (a row of the down projection). The
+unit's contribution to the block's output is those columns times the matching weight rows, so one
+statistic answers everything: the Gram matrix of the projection's input augmented with a column of
+ones, G = [X, 1]ᵀ[X, 1], over the real tokens of the calibration data (padding is not counted).
+
+- Importance of a unit with columns c: the energy of its contribution, tr(W_cᵀ Σ_cc W_c), with Σ the
+  input's covariance (its second moment when there is no reconstruction: then the mean is lost too),
+  over the energy of the residual stream the block's output is added to. A post-LayerNorm block's
+  next norm divides by the residual's size, so this is the relative change the norm sees; it makes
+  units of different layers comparable, and the ranking is global.
+- Reconstruction: with the kept columns k, the projection is refit by ridge least squares so that
+  the pruned layer reproduces the original layer's output, [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b]. It runs
+  layer by layer in order: X' is what the model pruned so far computes, X what the original computed,
+  so each refit also absorbs the error of the layers before it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.errors import UserError
+
+# ctx.options keys: the calibration inputs (name -> array, samples first) the passes measure on, and
+# the report's per-layer records the passes leave ({"heads": [...], "ffn": [...]}).
+CALIBRATION_FEEDS_KEY = "calibration_feeds"
+PRUNING_KEY = "pruning"
+# The model as it was before the first pruning pass of a pipeline: every later refit reproduces its
+# layers, so the FFN refit after head removal also absorbs the error the removed heads left.
+REFERENCE_KEY = "prune_reference"
+# Ridge term of the refit, relative to the mean diagonal of the Gram matrix: keeps the solve stable
+# when kept columns are nearly collinear (GELU neurons that are almost never active).
+RIDGE = 1e-4
+BATCH = 8
+
+Progress = Callable[[str], None]
+
+
+def calibration_feeds(ctx, pass_name: str) -> dict[str, np.ndarray]:
+    feeds = ctx.options.get(CALIBRATION_FEEDS_KEY)
+    if feeds is None:
+        raise UserError(f"{pass_name} ranks and refits what it removes on calibration data, and has none",
+                        "compile with --prune ... --calib DATA.npz (or `edgec opt --calib DATA.npz`); "
+                        "explicit units with reconstruct=false need no data")
+    return feeds
+
+
+def progress_of(ctx) -> Progress:
+    return ctx.options.get("progress") or (lambda message: None)
+
+
+# --- bookkeeping ------------------------------------------------------------------------------------
+
+@dataclass
+class Ledger:
+    """How many units the model had before any pruning and how many are gone, kept in the model's
+    metadata (`edgec.prune.<kind>`): a second run of a pass asks for a share of the original count and
+    finds it removed already, so pruning is idempotent and can be resumed with a larger share."""
+
+    kind: str
+    total: int
+    removed: int
+    specs: list[str]
+
+    @classmethod
+    def read(cls, model: ir.Model, kind: str, present: int) -> "Ledger":
+        text = model.metadata_props.get(f"edgec.prune.{kind}")
+        if text:
+            data = json.loads(text)
+            return cls(kind, int(data["total"]), int(data["removed"]), list(data.get("specs", [])))
+        return cls(kind, present, 0, [])
+
+    def write(self, model: ir.Model) -> None:
+        model.metadata_props[f"edgec.prune.{self.kind}"] = json.dumps(
+            {"total": self.total, "removed": self.removed, "specs": self.specs})
+
+    def to_remove(self, ratio: float) -> int:
+        return max(0, int(round(ratio * self.total)) - self.removed)
+
+
+def check_ratio(ratio: float, pass_name: str) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"{pass_name} ratio={ratio} is not a share between 0 and 1", "use ratio=0.25, for example")
+
+
+def parse_units(items: tuple[str, ...], pass_name: str, what: str) -> dict[int, set[int]]:
+    """("0.1", "0.3", "2.5") -> {0: {1, 3}, 2: {5}}: LAYER.UNIT pairs, layers counted from 0 in graph order."""
+    units: dict[int, set[int]] = {}
+    for item in items:
+        layer, dot, unit = item.partition(".")
+        if not dot or not layer.strip().isdigit() or not unit.strip().isdigit():
+            raise UserError(f"{pass_name} {what}={item!r} is not LAYER.{what.upper().rstrip('S')}",
+                            f"list them as {what}=0.1:0.3:2.5 (layer 0 unit 1, layer 0 unit 3, layer 2 unit 5)")
+        units.setdefault(int(layer), set()).add(int(unit))
+    return units
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+
+def rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The array's vectors (last axis) as rows, float64, only the real tokens' when `mask` says which."""
+    flat = np.asarray(array).reshape(-1, array.shape[-1])
+    if mask is not None and mask.size == flat.shape[0]:
+        flat = flat[mask.reshape(-1)]
+    return flat.astype(np.float64)
+
+
+def augmented_gram(x: np.ndarray) -> np.ndarray:
+    """[X, 1]ᵀ[X, 1] of the rows X."""
+    ones = np.ones((x.shape[0], 1))
+    xa = np.concatenate([x, ones], axis=1)
+    return xa.T @ xa
+
+
+class _Sessions:
+    """onnxruntime sessions fetching intermediate values, run over the calibration data in batches."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray]):
+        from edgec.verify import token_mask
+
+        self.feeds = feeds
+        self.samples = min(len(v) for v in feeds.values())
+        self.mask = token_mask(feeds)
+
+    def batches(self, model: ir.Model) -> tuple[int, list[tuple[int, int]]]:
+        from edgec.quantize.calibrate import batch_size_for
+
+        graph_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+        try:
+            batch = batch_size_for(graph_inputs, BATCH, self.samples)
+        except ValueError as exc:
+            raise UserError(f"pruning cannot run the calibration data: {exc}",
+                            "give --calib samples in a count the model's batch size divides") from None
+        return batch, [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
+
+    def chunk(self, start: int, end: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        mask = self.mask[start:end] if self.mask is not None else None
+        return {k: v[start:end] for k, v in self.feeds.items()}, mask
+
+
+def session(model: ir.Model, fetch: list[str]):
+    """An onnxruntime session of a copy of `model` cut down to computing the values in `fetch`: a
+    refit of layer i runs only layers up to i. Optimized: values that are outputs stay as they are."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from edgec import ir as eir
+    from edgec.verify import ort_session
+
+    runnable = eir.clone(model)
+    values = {v.name: v for node in runnable.graph for v in node.outputs if v.name}
+    outputs = runnable.graph.outputs
+    while len(outputs):
+        outputs.pop()
+    outputs.extend(values[n] for n in fetch)
+    RemoveUnusedNodesPass()(runnable)
+    return ort_session(runnable)
+
+
+def reference_session(model: ir.Model, ctx, fetch: list[str]):
+    """A session computing `fetch` in the unpruned model (kept in ctx by the first pruning pass), or
+    in `model` when those values are not the unpruned model's (a block an earlier run rebuilt)."""
+    from edgec import ir as eir
+
+    owner, reference = ctx.options.get(REFERENCE_KEY) or (None, None)
+    if owner is not model:  # a context reused for another model starts afresh
+        reference = eir.clone(model)
+        ctx.options[REFERENCE_KEY] = (model, reference)
+    def widths(m: ir.Model) -> dict[str, object]:
+        return {v.name: (v.shape[-1] if v.shape is not None and len(v.shape) else None)
+                for node in m.graph for v in node.outputs if v.name in fetch}
+
+    # The same values, as wide as now: not cut by an earlier run (which the ledger remembers instead).
+    theirs, mine = widths(reference), widths(model)
+    same = all(theirs.get(name) is not None and theirs.get(name) == mine.get(name) for name in fetch)
+    return session(reference if same else model, fetch)
+
+
+def run_fetch(sess, fetch: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
+    taken = {i.name: chunk[i.name] for i in sess.get_inputs() if i.name in chunk}
+    return sess.run(fetch, taken)
+
+
+@dataclass
+class Measured:
+    """Per block: the augmented Gram matrix of the projection's input, the token count, and the mean
+    squared norm of the residual stream the block's output joins."""
+
+    gram: np.ndarray
+    count: int
+    residual_energy: float
+
+    def covariance(self, centered: bool) -> np.ndarray:
+        g = self.gram / max(self.count, 1)
+        second = g[:-1, :-1]
+        if not centered:
+            return second
+        mean = g[:-1, -1]
+        return second - np.outer(mean, mean)
+
+
+def residual_of(model: ir.Model, output: str) -> str:
+    """The residual sum the block's `output` is added to (the Add reading it), or `output` itself."""
+    from edgec.analysis.attention import _values_by_name
+    from edgec.ir.constants import is_onnx_op
+
+    value = _values_by_name(model)[output]
+    adds = [user for user, _ in value.uses() if is_onnx_op(user, "Add")]
+    return adds[0].outputs[0].name if len(adds) == 1 else output
+
+
+def measure(model: ir.Model, feeds: Mapping[str, np.ndarray], inputs: list[str], residuals: list[str],
+            progress: Progress, what: str) -> list[Measured]:
+    """One run of `model` over the calibration data: the augmented Gram matrix of each value in
+    `inputs` and the energy of each value in `residuals` (pairs, one per block)."""
+    data = _Sessions(feeds)
+    fetch = list(dict.fromkeys(inputs + residuals))
+    sess = session(model, fetch)
+    grams: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    energies: dict[str, float] = {}
+    _, spans = data.batches(model)
+    for i, (start, end) in enumerate(spans):
+        chunk, mask = data.chunk(start, end)
+        for name, array in zip(fetch, run_fetch(sess, fetch, chunk)):
+            x = rows(array, mask)
+            if name in inputs:
+                grams[name] = grams.get(name, 0) + augmented_gram(x)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            if name in residuals:
+                energies[name] = energies.get(name, 0.0) + float((x * x).sum())
+        progress(f"measuring {what} {end}/{data.samples}")
+    out = []
+    for x_name, r_name in zip(inputs, residuals):
+        tokens = max(counts[x_name], 1)
+        out.append(Measured(grams[x_name], counts[x_name], energies[r_name] / tokens))
+    return out
+
+
+def unit_scores(measured: Measured, weight: np.ndarray, units: list[np.ndarray], centered: bool) -> np.ndarray:
+    """The energy of each unit's contribution (columns `units[i]` of the input times those rows of
+    `weight` [in, out]) relative to the residual's energy."""
+    cov = measured.covariance(centered)
+    scores = []
+    for cols in units:
+        w = weight[cols]
+        scores.append(float(np.sum((cov[np.ix_(cols, cols)] @ w) * w)))
+    return np.asarray(scores) / max(measured.residual_energy, 1e-30)
+
+
+def neuron_scores(measured: Measured, weight: np.ndarray, centered: bool) -> np.ndarray:
+    """`unit_scores` of single columns: each neuron's variance (or second moment) times its row's squared norm."""
+    variance = np.diag(measured.covariance(centered))
+    return variance * np.sum(weight.astype(np.float64) ** 2, axis=1) / max(measured.residual_energy, 1e-30)
+
+
+def lowest_globally(scores: list[np.ndarray], count: int) -> list[list[int]]:
+    """The `count` lowest-scoring units over all blocks: per block, the indices of its removed units
+    (ties are broken by block, then unit, so the choice is deterministic)."""
+    ranked = sorted((float(s), b, u) for b, block_scores in enumerate(scores) for u, s in enumerate(block_scores))
+    removed: list[list[int]] = [[] for _ in scores]
+    for _, b, u in ranked[:count]:
+        removed[b].append(u)
+    return [sorted(r) for r in removed]
+
+
+def surgeon_order(measured: Measured, weight: np.ndarray, bias: np.ndarray | None, units: list[np.ndarray],
+                  limit: int, step: int = 1) -> tuple[list[int], list[float]]:
+    """Greedy removal order of `units` (column sets of the projection's input) when the kept columns
+    are refit by least squares (Optimal Brain Surgeon, structured): removing the set S from the
+    current columns costs tr(W_Sᵀ [(G⁻¹)_SS]⁻¹ W_S) of output error, after which the other rows of W
+    and G⁻¹ are updated to the refit ones. A unit whose work the others can redo costs little even
+    when its own output is large. Returns the first `limit` units in order, `step` at a time, and
+    each one's marginal cost relative to the residual stream's energy (comparable across layers)."""
+    n = weight.shape[0]
+    gram = measured.gram.copy()
+    ridge = RIDGE * max(float(np.mean(np.diag(gram)[:-1])), 1e-12)
+    gram[np.arange(n), np.arange(n)] += ridge
+    inverse = np.linalg.inv(gram)
+    w = np.concatenate([weight.astype(np.float64), (bias if bias is not None else np.zeros(weight.shape[1]))[None]])
+    alive = list(range(len(units)))
+    scale = max(measured.count, 1) * max(measured.residual_energy, 1e-30)
+    order: list[int] = []
+    costs: list[float] = []
+    single = all(len(c) == 1 for c in units)
+    while alive and len(order) < limit:
+        if single:
+            cols = np.array([units[u][0] for u in alive])
+            cost = np.sum(w[cols] ** 2, axis=1) / np.maximum(np.diag(inverse)[cols], 1e-30)
+        else:
+            cost = np.array([float(np.sum(w[units[u]] * np.linalg.solve(inverse[np.ix_(units[u], units[u])], w[units[u]])))
+                             for u in alive])
+        picked = [alive[i] for i in np.argsort(cost, kind="stable")[:min(step, limit - len(order))]]
+        picked_cost = {alive[i]: c for i, c in enumerate(cost)}
+        cols = np.concatenate([units[u] for u in picked])
+        block = np.linalg.inv(inverse[np.ix_(cols, cols)])
+        before = float(np.sum(w[cols] * (block @ w[cols])))
+        w -= inverse[:, cols] @ (block @ w[cols])
+        inverse -= inverse[:, cols] @ block @ inverse[cols, :]
+        w[cols] = 0.0
+        inverse[cols, :] = 0.0
+        inverse[:, cols] = 0.0
+        total = sum(picked_cost[u] for u in picked)
+        for u in picked:  # a batch's joint cost, shared in proportion to each unit's own
+            order.append(u)
+            costs.append(before * (picked_cost[u] / total if total > 0 else 1 / len(picked)) / scale)
+            alive.remove(u)
+    return order, costs
+
+
+def cheapest_globally(orders: list[list[int]], costs: list[list[float]], count: int) -> list[list[int]]:
+    """`count` units over all blocks, each block giving up units in its own order, always taking the
+    cheapest next marginal cost among the blocks. Returns the removed unit indices per block."""
+    taken = [0] * len(orders)
+    for _ in range(count):
+        best = min((costs[b][taken[b]], b) for b in range(len(orders)) if taken[b] < len(orders[b])) \
+            if any(taken[b] < len(orders[b]) for b in range(len(orders))) else None
+        if best is None:
+            break
+        taken[best[1]] += 1
+    return [sorted(orders[b][:taken[b]]) for b in range(len(orders))]
+
+
+# --- reconstruction -------------------------------------------------------------------------------------
+
+def refit(original: ir.Model | None, current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str,
+          kept_columns: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, original_session=None,
+          progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares: W' [k, out] and b' [out] with [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b], X' the
+    value `x_name` in `current` (kept columns only), X the same value in the original model."""
+    data = _Sessions(feeds)
+    mine = session(current, [x_name])
+    theirs = original_session if original_session is not None else session(original, [x_name])
+    k = len(kept_columns)
+    gram = np.zeros((k + 1, k + 1))
+    cross = np.zeros((k + 1, weight.shape[0] + 1))
+    _, spans = data.batches(current)
+    for start, end in spans:
+        chunk, mask = data.chunk(start, end)
+        (now,) = run_fetch(mine, [x_name], chunk)
+        (before,) = run_fetch(theirs, [x_name], chunk)
+        xk = rows(now, mask)[:, kept_columns]
+        xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1)
+        xo = rows(before, mask)
+        gram += xa.T @ xa
+        cross += xa.T @ np.concatenate([xo, np.ones((xo.shape[0], 1))], axis=1)
+        progress(f"refitting {what} {end}/{data.samples}")
+    full = np.concatenate([weight.astype(np.float64), (bias if bias is not None else np.zeros(weight.shape[1]))[None].astype(np.float64)])
+    target = cross @ full  # [X'_k, 1]ᵀ [X, 1] [W; b]
+    ridge = RIDGE * max(float(np.mean(np.diag(gram)[:-1])) if k else 0.0, 1e-12)
+    regular = gram + np.diag(np.r_[np.full(k, ridge), 0.0])
+    solved = np.linalg.lstsq(regular, target, rcond=None)[0] if k == 0 else _solve(regular, target)
+    return solved[:-1].astype(weight.dtype), solved[-1].astype(weight.dtype)
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def record(ctx, kind: str, entry: dict) -> None:
+    """Adds a per-layer entry to the report's pruning table."""
+    ctx.options.setdefault(PRUNING_KEY, {}).setdefault(kind, []).append(entry)
+
+
+def replace_by_constant(model: ir.Model, output: str, like: str, value: np.ndarray) -> None:
+    """A block that lost every unit: its output `output` becomes `value` [width], read directly by
+    Adds (they broadcast it), expanded to the shape of the block's input `like` for any other reader."""
+    from edgec.analysis.attention import _values_by_name
+    from edgec.ir.constants import is_onnx_op
+    from edgec.passes.blocks import Builder
+    from edgec.passes.cleanup._util import remove_dead
+
+    values = _values_by_name(model)
+    old = values[output]
+    b = Builder(model, old.producer(), old.dtype)
+    constant = b.const(value.astype(old.dtype.numpy() if old.dtype is not None else value.dtype))
+    readers = [user for user, _ in old.uses()]
+    if old.is_graph_output() or not readers or not all(is_onnx_op(u, "Add") for u in readers):
+        constant = b.op("Expand", constant, b.op("Shape", values[like]))
+        constant.shape, constant.type = old.shape, old.type
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(constant, replace_graph_outputs=True)
+    remove_dead([old])
+    if name is not None:
+        constant.name = name

@@ -1,0 +1,165 @@
+"""`edgec compile --prune`: heads and FFN neurons removed by ratio or by budget, with INT8 and through
+every backend, and the bad input around it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgec.analysis.attention import find_attention
+from edgec.analysis.structure import find_feed_forward
+from edgec.cli import main
+from edgec.compiler import CompileOptions, compile_model
+from edgec.errors import UserError
+from edgec.frontends.onnx import load_onnx
+from edgec.passes.core import PassContext
+from edgec.passes.manager import PassManager
+from edgec.pruning import parse_prune
+from edgec.verify import run_model
+
+# The zoo's BERT: 2 layers of 4 heads (8 in all) and 64 FFN neurons (128 in all).
+HEADS, NEURONS = 8, 128
+NO_BUDGET = 0.05  # random-weight models: the tests check what was removed, not how close it stays
+
+
+def _calibration(tmp_path, samples=16, sequence=16):
+    rng = np.random.default_rng(0)
+    mask = np.ones((samples, sequence), np.int64)
+    mask[::3, sequence // 2:] = 0  # some padded sentences: padding is not counted by the statistics
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(1, 250, (samples, sequence)), attention_mask=mask,
+             token_type_ids=np.zeros((samples, sequence), np.int64))
+    return tmp_path / "calib.npz"
+
+
+def _options(tmp_path, **kw):
+    kw.setdefault("target", "x86-64")
+    return CompileOptions(outdir=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
+
+
+def _counts(path) -> tuple[int, int]:
+    model = load_onnx(path)
+    PassManager("cleanup", PassContext()).run(model)
+    return sum(b.heads for b in find_attention(model)), sum(b.intermediate for b in find_feed_forward(model))
+
+
+def test_prune_ratios_remove_heads_and_neurons_and_the_report_lists_them(zoo_model, tmp_path):
+    source = zoo_model("bert", "torchscript")
+    result = compile_model(source, _options(tmp_path, prune="heads=0.5,ffn=0.25", calib=_calibration(tmp_path),
+                                            accuracy_budget=NO_BUDGET, backend="onnxruntime", precision="fp32"))
+    assert result.passed, result.failures
+    pruning = result.report["pruning"]
+    assert pruning["heads_removed"] == HEADS // 2 and pruning["neurons_removed"] == NEURONS // 4
+    assert sum(r["removed"] for r in pruning["heads"]) == 4
+    assert all(r["kept"] + r["removed"] == r["heads"] == 4 for r in pruning["heads"])
+    assert all(r["kept"] + r["removed"] == r["neurons"] == 64 for r in pruning["ffn"])
+    assert pruning["reconstruct"] is True and pruning["search"] is None
+    e = pruning["estimated_latency_ms"]
+    assert e["after"] < e["before"]
+    # The verification compared the pruned artifact with the original on the calibration data.
+    v = result.report["verification"]
+    assert v["inputs"].endswith("calib.npz") and v["tolerance"]["min_cosine_mean"] == NO_BUDGET
+    assert "remove-attention-heads{ratio=0.5}" in result.report["pipeline"]
+    # The artifact holds the cut weights: each layer's up projection is [hidden 32, kept neurons].
+    shapes = {tuple(v.const_value.shape) for v in load_onnx(result.artifact.path).graph.initializers.values()
+              if v.const_value is not None}
+    for row in pruning["ffn"]:
+        assert (32, row["kept"]) in shapes and (row["kept"], 32) in shapes
+    assert _counts(source) == (HEADS, NEURONS)  # the input is untouched
+
+
+def test_prune_then_int8(zoo_model, tmp_path):
+    source = zoo_model("bert", "dynamo")
+    result = compile_model(source, _options(tmp_path, prune="heads=0.25,ffn=0.5", calib=_calibration(tmp_path),
+                                            accuracy_budget=NO_BUDGET, precision="int8"))
+    assert result.passed, result.failures
+    assert result.report["pruning"]["heads_removed"] == 2 and result.report["pruning"]["neurons_removed"] == 64
+    assert result.report["quantization"]["calibration"]["samples"] == 16
+    ops = {n.op_type for n in load_onnx(result.artifact.path).graph}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("target, backend", [("snapdragon-8", "tflite"), ("x86-64", "tvm")])
+def test_pruned_model_compiles_through_the_other_backends(zoo_model, tmp_path, target, backend):
+    source = zoo_model("bert", "torchscript")
+    result = compile_model(source, _options(tmp_path, target=target, backend=backend, precision="fp32",
+                                            prune="heads=0.5,ffn=0.5", calib=_calibration(tmp_path), accuracy_budget=NO_BUDGET))
+    assert result.passed, result.failures
+    assert result.report["verification"]["verified_in"] == backend
+    assert result.report["pruning"]["heads_removed"] == 4
+
+
+def test_prune_auto_meets_a_latency_budget_with_the_least_pruning(zoo_model, tmp_path):
+    source = zoo_model("bert", "torchscript")
+    calib = _calibration(tmp_path)
+    first = compile_model(source, _options(tmp_path, prune="heads=0.05", calib=calib, accuracy_budget=NO_BUDGET))
+    before = first.report["pruning"]["estimated_latency_ms"]["before"]
+    budget = before * 0.85
+    result = compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=budget, calib=calib, accuracy_budget=NO_BUDGET))
+    assert result.passed, result.failures
+    pruning = result.report["pruning"]
+    search = pruning["search"]
+    assert 0 < search["ratio"] <= 0.75 and pruning["heads_ratio"] == pruning["ffn_ratio"] == search["ratio"]
+    assert pruning["estimated_latency_ms"]["after"] <= budget
+    # The least pruning: the ratio before the chosen one was over the budget.
+    estimates = [t for t in search["tried"] if "estimated_ms" in t]
+    assert estimates[-1]["ratio"] == search["ratio"] and all(t["estimated_ms"] > budget for t in estimates[:-1])
+
+    with pytest.raises(UserError, match="out of reach"):
+        compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=before * 1e-6, calib=calib))
+
+
+def test_prune_auto_keeps_an_accuracy_budget(zoo_model, tmp_path):
+    source = zoo_model("bert", "torchscript")
+    calib = _calibration(tmp_path)
+    result = compile_model(source, _options(tmp_path, prune="auto", accuracy_budget=0.99, calib=calib))
+    assert result.passed, result.failures
+    search = result.report["pruning"]["search"]
+    tried = {t["ratio"]: t["cosine_mean"] for t in search["tried"]}
+    assert tried[search["ratio"]] >= 0.99
+    assert all(c < 0.99 for r, c in tried.items() if r > search["ratio"])
+    assert result.report["verification"]["cosine_mean"] >= 0.99
+
+
+def test_pruning_beyond_the_budget_is_refused_and_nothing_is_written(zoo_model, tmp_path):
+    source = zoo_model("bert", "torchscript")
+    # Random-weight attention and FFNs add little to the residual stream: a tight budget still sees them go.
+    result = compile_model(source, _options(tmp_path, prune="heads=1.0,ffn=1.0", calib=_calibration(tmp_path),
+                                            accuracy_budget=0.99999))
+    assert not result.passed and result.artifact is None
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert "breaks the accuracy budget" in result.failures[0] and "mean cosine" in result.failures[0]
+    assert result.report["pruning"]["heads"][0]["kept"] == 0  # every head gone: the layers pass through
+
+
+@pytest.mark.parametrize("spec", ["heads=2", "heads=0.2,heads=0.3", "ffn", "neurons=0.5", "heads=0,ffn=0", "reconstruct=maybe,heads=0.1"])
+def test_bad_prune_specs_are_user_errors(spec):
+    with pytest.raises(UserError):
+        parse_prune(spec)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prune="heads=0.25"), "--calib"),
+    (dict(latency_budget_ms=5.0), "--prune auto"),
+    (dict(prune="auto", calib="x.npz"), "needs a budget"),
+    (dict(prune="auto", latency_budget_ms=-1.0, calib="x.npz"), "positive"),
+    (dict(prune="auto", accuracy_budget=0.99, precision="mixed", calib="x.npz"), "mixed"),
+])
+def test_bad_prune_options_fail_before_any_work(zoo_model, tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        compile_model(zoo_model("bert", "torchscript"), _options(tmp_path, **kw))
+
+
+def test_cli_prune_prints_the_table_and_a_bad_spec_is_one_line(zoo_model, tmp_path, capsys):
+    source = zoo_model("bert", "torchscript")
+    calib = _calibration(tmp_path)
+    code = main(["compile", str(source), "--target", "x86-64", "-o", str(tmp_path / "cli"), "--prune", "heads=0.5,ffn=0.5",
+                 "--calib", str(calib), "--accuracy-budget", str(NO_BUDGET), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pruning"]["heads_removed"] == 4
+    code = main(["compile", str(source), "--target", "x86-64", "-o", str(tmp_path / "cli2"), "--prune", "heads=lots",
+                 "--calib", str(calib)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "heads" in err[0] and "Traceback" not in err[0]
+    assert run_model(tmp_path / "cli" / "model.onnx", {k: v[:2] for k, v in np.load(calib).items()})
