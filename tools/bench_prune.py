@@ -133,27 +133,22 @@ def _throttled(what: str, every: float = 15.0):
 
 def prune_grid(exporter: str, cleaned: Path, folder: Path, data: dict, args) -> dict[tuple[float, float, bool | None], Path]:
     """The pruned models of the grid, by (heads, ffn, reconstruct); (0, 0, None) is the cleaned model.
-    The heads pass runs first, so each (heads, reconstruct) model is made once and the FFN shares start from it."""
+    A point with both heads and FFN neurons removed runs both passes in one pipeline, from the unpruned
+    model: the FFN refit then reproduces the unpruned layers and absorbs what the heads' removal changed."""
     models: dict[tuple[float, float, bool | None], Path] = {(0.0, 0.0, None): cleaned}
     records: dict[tuple[float, float, bool | None], dict] = {(0.0, 0.0, None): {}}
     for reconstruct in (True, False):
         flag = str(reconstruct).lower()
         for h in args.grid:
-            if h > 0:
-                dest = folder / f"h{h:g}-{'recon' if reconstruct else 'norecon'}.onnx"
-                records[(h, 0.0, reconstruct)] = run_passes(
-                    cleaned, dest, f"remove-attention-heads{{ratio={h},reconstruct={flag}}},cleanup", data["calib"],
-                    f"{exporter} heads {h:.0%} reconstruct={flag}")
-                models[(h, 0.0, reconstruct)] = dest
-            start, start_records = (models[(h, 0.0, reconstruct)], records[(h, 0.0, reconstruct)]) if h > 0 \
-                else (cleaned, {})
             for f in args.grid:
-                if f > 0:
-                    dest = folder / f"h{h:g}-f{f:g}-{'recon' if reconstruct else 'norecon'}.onnx"
-                    ffn = run_passes(start, dest, f"remove-ffn-neurons{{ratio={f},reconstruct={flag}}},cleanup",
-                                     data["calib"], f"{exporter} heads {h:.0%} ffn {f:.0%} reconstruct={flag}")
-                    models[(h, f, reconstruct)] = dest
-                    records[(h, f, reconstruct)] = {**start_records, **ffn}
+                if h == 0 and f == 0:
+                    continue
+                passes = ([f"remove-attention-heads{{ratio={h},reconstruct={flag}}}"] if h > 0 else []) + \
+                         ([f"remove-ffn-neurons{{ratio={f},reconstruct={flag}}}"] if f > 0 else [])
+                dest = folder / f"h{h:g}-f{f:g}-{'recon' if reconstruct else 'norecon'}.onnx"
+                records[(h, f, reconstruct)] = run_passes(cleaned, dest, ",".join([*passes, "cleanup"]), data["calib"],
+                                                          f"{exporter} heads {h:.0%} ffn {f:.0%} reconstruct={flag}")
+                models[(h, f, reconstruct)] = dest
     args.records[exporter] = records
     return models
 
@@ -380,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=parse_grid, default=parse_grid("0,0.25,0.5"),
                         help="shares of all heads and of all FFN neurons to remove, every pair of them (default 0,0.25,0.5; "
                              "0 is always included)")
-    parser.add_argument("--calib-samples", type=int, default=256,
-                        help="sentences.npz sentences pruning measures and refits on, and int8 calibrates on (default 256; "
+    parser.add_argument("--calib-samples", type=int, default=512,
+                        help="sentences.npz sentences pruning measures and refits on, and int8 calibrates on (default 512, all of them; "
                              "with far fewer the least-squares refits fit the calibration sentences, not the task)")
     parser.add_argument("--int8-all", action="store_true",
                         help="compile every pruned model as int8 too (default: the reconstructed ones and the unpruned)")

@@ -39,6 +39,8 @@ REFERENCE_KEY = "prune_reference"
 # Ridge term of the refit, relative to the mean diagonal of the Gram matrix: keeps the solve stable
 # when kept columns are nearly collinear (GELU neurons that are almost never active).
 RIDGE = 1e-4
+# Refit towards the original residual sum (see `refit`), not the block's own original output.
+RESIDUAL_TARGET = True
 BATCH = 8
 
 Progress = Callable[[str], None]
@@ -159,7 +161,7 @@ def session(model: ir.Model, fetch: list[str]):
     outputs = runnable.graph.outputs
     while len(outputs):
         outputs.pop()
-    outputs.extend(values[n] for n in fetch)
+    outputs.extend(values[n] for n in dict.fromkeys(fetch) if n in values)  # graph inputs come from the feeds
     RemoveUnusedNodesPass()(runnable)
     return ort_session(runnable)
 
@@ -184,8 +186,12 @@ def reference_session(model: ir.Model, ctx, fetch: list[str]):
 
 
 def run_fetch(sess, fetch: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The values `fetch` names for one batch: computed by `sess`, or the batch's own inputs."""
+    produced = {o.name for o in sess.get_outputs()}
+    wanted = [name for name in fetch if name in produced]
     taken = {i.name: chunk[i.name] for i in sess.get_inputs() if i.name in chunk}
-    return sess.run(fetch, taken)
+    got = dict(zip(wanted, sess.run(wanted, taken))) if wanted else {}
+    return [got[name] if name in got else chunk[name] for name in fetch]
 
 
 @dataclass
@@ -330,33 +336,64 @@ def cheapest_globally(orders: list[list[int]], costs: list[list[float]], count: 
 
 # --- reconstruction -------------------------------------------------------------------------------------
 
-def refit(original: ir.Model | None, current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str,
-          kept_columns: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, original_session=None,
+def skip_of(model: ir.Model, output: str) -> tuple[str, str] | None:
+    """(the residual sum, the other value added) when the block's `output` joins the residual stream
+    through one Add, else None."""
+    from edgec.analysis.attention import _values_by_name
+    from edgec.ir.constants import is_onnx_op
+
+    value = _values_by_name(model)[output]
+    adds = [user for user, _ in value.uses() if is_onnx_op(user, "Add")]
+    if len(adds) != 1 or len(value.uses()) != 1:
+        return None
+    add = adds[0]
+    other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
+    if other is None or other.name is None or other.is_initializer() or add.outputs[0].name is None:
+        return None
+    return add.outputs[0].name, other.name
+
+
+def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_columns: np.ndarray,
+          weight: np.ndarray, bias: np.ndarray | None, original_session, residual: tuple[str, str] | None = None,
           progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Ridge least squares: W' [k, out] and b' [out] with [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b], X' the
-    value `x_name` in `current` (kept columns only), X the same value in the original model."""
+    value `x_name` in `current` (kept columns only), X the same value in the original model
+    (`original_session` computes it).
+
+    With `residual` (sum, skip), the target is what the original's residual sum needs from the block
+    given the skip value the pruned model has now, R - S': the refit then also corrects what the
+    layers pruned before it changed in the residual stream."""
     data = _Sessions(feeds)
-    mine = session(current, [x_name])
-    theirs = original_session if original_session is not None else session(original, [x_name])
+    use_residual = residual is not None and RESIDUAL_TARGET
+    mine_fetch = [x_name, residual[1]] if use_residual else [x_name]
+    theirs_fetch = [residual[0]] if use_residual else [x_name]
+    mine = session(current, mine_fetch)
     k = len(kept_columns)
     gram = np.zeros((k + 1, k + 1))
     cross = np.zeros((k + 1, weight.shape[0] + 1))
+    direct = np.zeros((k + 1, weight.shape[1]))
     _, spans = data.batches(current)
     for start, end in spans:
         chunk, mask = data.chunk(start, end)
-        (now,) = run_fetch(mine, [x_name], chunk)
-        (before,) = run_fetch(theirs, [x_name], chunk)
-        xk = rows(now, mask)[:, kept_columns]
+        now = run_fetch(mine, mine_fetch, chunk)
+        before = run_fetch(original_session, theirs_fetch, chunk)
+        xk = rows(now[0], mask)[:, kept_columns]
         xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1)
-        xo = rows(before, mask)
         gram += xa.T @ xa
-        cross += xa.T @ np.concatenate([xo, np.ones((xo.shape[0], 1))], axis=1)
+        if use_residual:
+            direct += xa.T @ (rows(before[0], mask) - rows(now[1], mask))
+        else:
+            xo = rows(before[0], mask)
+            cross += xa.T @ np.concatenate([xo, np.ones((xo.shape[0], 1))], axis=1)
         progress(f"refitting {what} {end}/{data.samples}")
-    full = np.concatenate([weight.astype(np.float64), (bias if bias is not None else np.zeros(weight.shape[1]))[None].astype(np.float64)])
-    target = cross @ full  # [X'_k, 1]ᵀ [X, 1] [W; b]
+    if use_residual:
+        target = direct
+    else:
+        full = np.concatenate([weight.astype(np.float64), (bias if bias is not None else np.zeros(weight.shape[1]))[None].astype(np.float64)])
+        target = cross @ full  # [X'_k, 1]ᵀ [X, 1] [W; b]
     ridge = RIDGE * max(float(np.mean(np.diag(gram)[:-1])) if k else 0.0, 1e-12)
     regular = gram + np.diag(np.r_[np.full(k, ridge), 0.0])
-    solved = np.linalg.lstsq(regular, target, rcond=None)[0] if k == 0 else _solve(regular, target)
+    solved = _solve(regular, target)
     return solved[:-1].astype(weight.dtype), solved[-1].astype(weight.dtype)
 
 

@@ -102,37 +102,37 @@ class RemoveAttentionHeadsPass(Pass):
         common.check_ratio(opts.ratio, self.name)
         blocks, unproven = blk.trusted_blocks(model, ctx)
         blocks = sorted(blocks, key=lambda block: block.layer)
-        ledger = common.Ledger.read(model, KIND, sum(block.heads for block in blocks))
+        # Layers are numbered by position among the proven blocks; a block whose mask has a head axis
+        # keeps its heads (cutting them would mean cutting the mask too) and is not counted in the ratio.
+        masked = [_per_head_mask(model, block) for block in blocks]
+        ledger = common.Ledger.read(model, KIND, sum(block.heads for block, m in zip(blocks, masked) if not m))
         stats = {"heads_removed": 0, "blocks_pruned": 0, "blocks_emptied": 0, "unproven": unproven,
-                 "skipped_per_head_mask": 0}
-        prunable = []
-        for block in blocks:
-            if _per_head_mask(model, block):
-                stats["skipped_per_head_mask"] += 1
-            else:
-                prunable.append(block)
-        removed = self._choose(model, ctx, prunable, ledger)
-        plan = [(block, units) for block, units in zip(prunable, removed) if units and ctx.allow(self.name)]
+                 "skipped_per_head_mask": sum(masked)}
+        removed = self._choose(model, ctx, blocks, masked, ledger)
+        plan = [(layer, block, units) for layer, (block, units) in enumerate(zip(blocks, removed))
+                if units and ctx.allow(self.name)]
         if not plan:
             return PassResult(model, False, stats)
 
         progress = common.progress_of(ctx)
         feeds = common.calibration_feeds(ctx, self.name) if opts.reconstruct else None
         original = None
+        skips = [common.skip_of(model, block.output) for _, block, _ in plan]
         if opts.reconstruct:
-            original = common.reference_session(model, ctx, [block.o.input for block, _ in plan])
-        for i, (block, units) in enumerate(plan):
+            fetch = [block.o.input for _, block, _ in plan] + [skip[0] for skip in skips if skip is not None]
+            original = common.reference_session(model, ctx, fetch)
+        for i, (layer, block, units) in enumerate(plan):
             kept = [u for u in range(block.kv_heads) if u not in units]
             o_weight = o_bias = None
             if opts.reconstruct:
                 groups = block.heads // block.kv_heads
                 kept_cols = _head_columns([h for g in kept for h in range(g * groups, (g + 1) * groups)], block.head_dim)
                 values = _values_by_name(model)
-                o_weight, o_bias = common.refit(None, model, feeds, block.o.input, kept_cols, blk.weight(values, block.o),
-                                                blk.bias(values, block.o), original, progress,
+                o_weight, o_bias = common.refit(model, feeds, block.o.input, kept_cols, blk.weight(values, block.o),
+                                                blk.bias(values, block.o), original, skips[i], progress,
                                                 f"attention {i + 1}/{len(plan)}")
             heads_gone = len(units) * (block.heads // block.kv_heads)
-            common.record(ctx, KIND, {"layer": block.layer, "heads": block.heads, "removed": heads_gone,
+            common.record(ctx, KIND, {"layer": layer, "heads": block.heads, "removed": heads_gone,
                                       "kept": block.heads - heads_gone,
                                       "removed_heads": [h for g in units for h in _units(block)[g]],
                                       "reconstructed": opts.reconstruct})
@@ -146,21 +146,24 @@ class RemoveAttentionHeadsPass(Pass):
         ledger.write(model)
         return PassResult(model, True, stats)
 
-    def _choose(self, model: ir.Model, ctx: PassContext, blocks: list[AttentionBlock], ledger: common.Ledger) -> list[list[int]]:
+    def _choose(self, model: ir.Model, ctx: PassContext, blocks: list[AttentionBlock], masked: list[bool],
+                ledger: common.Ledger) -> list[list[int]]:
         """Per block, the key/value groups to remove."""
         opts = self.options
         if opts.heads:
             if ":".join(opts.heads) in ledger.specs:
                 return [[] for _ in blocks]
             wanted = common.parse_units(opts.heads, self.name, "heads")
-            by_layer = {i: block for i, block in enumerate(blocks)}
-            bad = [f"{layer}" for layer in wanted if layer not in by_layer]
+            bad = [f"{layer}" for layer in wanted if layer >= len(blocks)]
             if bad:
                 raise UserError(f"{self.name} heads= names layer {', '.join(bad)}, but the model has {len(blocks)} "
-                                "prunable attention layers", f"use layers 0 to {len(blocks) - 1}")
+                                "attention layers", f"use layers 0 to {len(blocks) - 1}")
             removed = []
             for i, block in enumerate(blocks):
                 heads = wanted.get(i, set())
+                if heads and masked[i]:
+                    raise UserError(f"{self.name} heads= names layer {i}, whose mask has a head axis that the pass does "
+                                    "not cut", "leave that layer's heads")
                 if any(h >= block.heads for h in heads):
                     raise UserError(f"{self.name} heads= names a head past layer {i}'s {block.heads}",
                                     f"use heads 0 to {block.heads - 1}")
@@ -168,8 +171,18 @@ class RemoveAttentionHeadsPass(Pass):
                 removed.append(sorted({h // groups for h in heads}))
             return removed
         count_heads = ledger.to_remove(opts.ratio)
-        if count_heads == 0 or not blocks:
+        positions = [i for i, m in enumerate(masked) if not m]
+        if count_heads == 0 or not positions:
             return [[] for _ in blocks]
+        chosen = self._rank(model, ctx, [blocks[i] for i in positions], count_heads)
+        removed = [[] for _ in blocks]
+        for i, units in zip(positions, chosen):
+            removed[i] = units
+        return removed
+
+    def _rank(self, model: ir.Model, ctx: PassContext, blocks: list[AttentionBlock], count_heads: int) -> list[list[int]]:
+        """The key/value groups that hold `count_heads` heads, least important first over all `blocks`."""
+        opts = self.options
         feeds = common.calibration_feeds(ctx, self.name)
         residuals = [common.residual_of(model, block.output) for block in blocks]
         measured = common.measure(model, feeds, [block.o.input for block in blocks], residuals,

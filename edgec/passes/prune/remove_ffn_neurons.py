@@ -218,14 +218,17 @@ class RemoveFfnNeuronsPass(Pass):
 
         progress = common.progress_of(ctx)
         feeds = common.calibration_feeds(ctx, self.name) if opts.reconstruct else None
-        original = common.reference_session(model, ctx, [block.down.input for block, _ in plan]) if opts.reconstruct else None
+        skips = [common.skip_of(model, block.output) for block, _ in plan]
+        fetch = [block.down.input for block, _ in plan] + [skip[0] for skip in skips if skip is not None]
+        original = common.reference_session(model, ctx, fetch) if opts.reconstruct else None
         for i, (block, units) in enumerate(plan):
             kept = np.setdiff1d(np.arange(block.intermediate), units)
             weight = bias = None
             if opts.reconstruct:
                 values = _values_by_name(model)
-                weight, bias = common.refit(None, model, feeds, block.down.input, kept, blk.weight(values, block.down),
-                                            blk.bias(values, block.down), original, progress, f"feed-forward {i + 1}/{len(plan)}")
+                weight, bias = common.refit(model, feeds, block.down.input, kept, blk.weight(values, block.down),
+                                            blk.bias(values, block.down), original, skips[i], progress,
+                                            f"feed-forward {i + 1}/{len(plan)}")
             common.record(ctx, KIND, {"layer": blocks.index(block), "neurons": block.intermediate, "removed": len(units),
                                       "kept": len(kept), "reconstructed": opts.reconstruct})
             rebuild_with_neurons(model, block, kept, weight, bias)
