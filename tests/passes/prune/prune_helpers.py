@@ -14,6 +14,7 @@ from edgec.frontends.onnx import load_onnx
 from edgec.ir.constants import constant_array
 from edgec.passes.core import PassContext
 from edgec.passes.manager import PassManager
+from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY
 from edgec.verify import run_model, token_mask
 
 HIDDEN, HEADS, HEAD_DIM = 8, 4, 2
@@ -167,6 +168,25 @@ def cleaned(path) -> ir.Model:
 
 def initializer(model: ir.Model, name: str) -> np.ndarray:
     return constant_array(model.graph.initializers[name])
+
+
+def calibrated(feeds) -> PassContext:
+    return PassContext(options={CALIBRATION_FEEDS_KEY: feeds})
+
+
+def errors_with_and_without_refit(make_pass, path, stat: str, expected: int, arch: str = "bert") -> dict[bool, float]:
+    """The held-out relative error of the zoo model at `path` pruned by `make_pass(reconstruct=...)`
+    (which must remove `expected` units, its stat `stat`), without and with the refit."""
+    original = cleaned(path)
+    calibration = zoo.zoo_inputs(arch, path, batch=32, seed=1)
+    held_out = zoo.zoo_inputs(arch, path, batch=8, seed=2)
+    errors = {}
+    for reconstruct in (False, True):
+        model = eir.clone(original)
+        result = make_pass(reconstruct=reconstruct)(model, calibrated(calibration))
+        assert result.stats[stat] == expected
+        errors[reconstruct] = relative_error(original, model, held_out)
+    return errors
 
 
 def relative_error(reference: ir.Model, pruned: ir.Model, feeds: dict) -> float:

@@ -7,8 +7,8 @@ import onnx_ir as ir
 import pytest
 import zoo
 from prune_helpers import (
-    ARCHS, HEAD_DIM, HIDDEN, attention_feeds, attention_layer, attention_reference, attention_weights,
-    cleaned, head_columns, initializer, relative_error,
+    ARCHS, HEAD_DIM, HIDDEN, attention_feeds, attention_layer, attention_reference, attention_weights, calibrated,
+    cleaned, errors_with_and_without_refit, head_columns, initializer,
 )
 
 from edgec import ir as eir
@@ -18,7 +18,7 @@ from edgec.ir.constants import constant_array
 from edgec.passes import blocks as blk
 from edgec.passes.core import PassContext
 from edgec.passes.prune import RemoveAttentionHeadsPass
-from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
+from edgec.passes.prune.common import PRUNING_KEY
 from edgec.verify import run_model
 
 ATOL = 1e-5
@@ -26,10 +26,6 @@ ATOL = 1e-5
 
 def blocks_of(model):
     return blk.trusted_blocks(model, PassContext())[0]
-
-
-def calibrated(feeds) -> PassContext:
-    return PassContext(options={CALIBRATION_FEEDS_KEY: feeds})
 
 
 def reshape_targets(model) -> list[list[int]]:
@@ -199,16 +195,8 @@ def test_explicit_heads_twice_is_a_no_op():
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
 def test_reconstruction_helps_on_bert(zoo_model, exporter):
-    path = zoo_model("bert", exporter)
-    original = cleaned(path)
-    calibration = zoo.zoo_inputs("bert", path, batch=32, seed=1)
-    held_out = zoo.zoo_inputs("bert", path, batch=8, seed=2)
-    errors = {}
-    for reconstruct in (False, True):
-        model = eir.clone(original)
-        result = RemoveAttentionHeadsPass(ratio=0.5, reconstruct=reconstruct)(model, calibrated(calibration))
-        assert result.stats["heads_removed"] == 4
-        errors[reconstruct] = relative_error(original, model, held_out)
+    errors = errors_with_and_without_refit(lambda **kw: RemoveAttentionHeadsPass(ratio=0.5, **kw), zoo_model("bert", exporter),
+                                           "heads_removed", 4)
     assert 0 < errors[True] < 0.5 * errors[False], errors  # about 4x smaller with the refit
 
 

@@ -9,7 +9,8 @@ import onnx_ir as ir
 import pytest
 import zoo
 from prune_helpers import (
-    ARCHS, HIDDEN, INTERMEDIATE, cleaned, ffn_feeds, ffn_layer, ffn_reference, ffn_weights, initializer, relative_error,
+    ARCHS, HIDDEN, INTERMEDIATE, calibrated, cleaned, errors_with_and_without_refit, ffn_feeds, ffn_layer,
+    ffn_reference, ffn_weights, initializer,
 )
 
 from edgec import ir as eir
@@ -19,7 +20,7 @@ from edgec.ir.constants import constant_array
 from edgec.passes import blocks as blk
 from edgec.passes.core import PassContext
 from edgec.passes.prune import RemoveFfnNeuronsPass
-from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
+from edgec.passes.prune.common import PRUNING_KEY
 from edgec.verify import run_model
 
 ATOL = 1e-5
@@ -27,10 +28,6 @@ ATOL = 1e-5
 
 def ffn_of(model):
     return list(PassContext().analyses.get("ffn", model))
-
-
-def calibrated(feeds) -> PassContext:
-    return PassContext(options={CALIBRATION_FEEDS_KEY: feeds})
 
 
 def ledger(model):
@@ -177,16 +174,8 @@ def test_second_run_is_a_no_op_and_a_larger_ratio_removes_the_difference():
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
 def test_reconstruction_helps_on_bert(zoo_model, exporter):
-    path = zoo_model("bert", exporter)
-    original = cleaned(path)
-    calibration = zoo.zoo_inputs("bert", path, batch=32, seed=1)
-    held_out = zoo.zoo_inputs("bert", path, batch=8, seed=2)
-    errors = {}
-    for reconstruct in (False, True):
-        model = eir.clone(original)
-        result = RemoveFfnNeuronsPass(ratio=0.5, reconstruct=reconstruct)(model, calibrated(calibration))
-        assert result.stats["neurons_removed"] == 64
-        errors[reconstruct] = relative_error(original, model, held_out)
+    errors = errors_with_and_without_refit(lambda **kw: RemoveFfnNeuronsPass(ratio=0.5, **kw), zoo_model("bert", exporter),
+                                           "neurons_removed", 64)
     assert 0 < errors[True] < 0.5 * errors[False], errors  # about 4x smaller with the refit
 
 
