@@ -469,11 +469,14 @@ def _evaluation(options: CompileOptions, model):
 
 
 def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
-    """A pruned model is checked on its mean output cosine (the accuracy budget, by default
-    DEFAULT_PRUNE_BUDGET); the per-sample floors of the precision apply only where --tolerance sets them."""
+    """A pruned model is checked on its mean output cosine to the original (the accuracy budget, by
+    default DEFAULT_PRUNE_BUDGET); the per-sample floors of the precision apply only where --tolerance
+    sets them."""
     given = {item.partition("=")[0].strip() for item in (options.tolerance or "").split(",") if item.strip()}
     checked = {key: (value if key in given else (-1.0 if key == "min_cosine" else -1e9)) for key, value in tolerance.items()}
-    checked["min_cosine_mean"] = options.accuracy_budget if options.accuracy_budget is not None else DEFAULT_PRUNE_BUDGET
+    # With --precision mixed the budget is mixed precision's, measured against the pruned float model.
+    own = options.accuracy_budget is not None and options.precision != "mixed"
+    checked["min_cosine_mean"] = options.accuracy_budget if own else DEFAULT_PRUNE_BUDGET
     return checked
 
 

@@ -131,6 +131,23 @@ def test_pruning_beyond_the_budget_is_refused_and_nothing_is_written(zoo_model, 
     assert result.report["pruning"]["heads"][0]["kept"] == 0  # every head gone: the layers pass through
 
 
+def test_pruned_compiles_are_checked_on_the_mean_cosine():
+    from edgec.compiler import _prune_tolerance
+    from edgec.pruning import DEFAULT_PRUNE_BUDGET
+    from edgec.verify import parse_tolerance
+
+    def tolerance(**kw):
+        options = CompileOptions(target="x86-64", **kw)
+        return _prune_tolerance(parse_tolerance(options.tolerance, options.precision), options)
+
+    assert tolerance()["min_cosine_mean"] == DEFAULT_PRUNE_BUDGET and tolerance()["min_cosine"] < 0
+    assert tolerance(accuracy_budget=0.97)["min_cosine_mean"] == 0.97
+    # --tolerance keeps the per-sample floor it names.
+    assert tolerance(tolerance="min_cosine=0.9")["min_cosine"] == 0.9
+    # With mixed precision the budget is the assignment's (against the pruned float model).
+    assert tolerance(precision="mixed", accuracy_budget=0.999)["min_cosine_mean"] == DEFAULT_PRUNE_BUDGET
+
+
 @pytest.mark.parametrize("spec", ["heads=2", "heads=0.2,heads=0.3", "ffn", "neurons=0.5", "heads=0,ffn=0", "reconstruct=maybe,heads=0.1"])
 def test_bad_prune_specs_are_user_errors(spec):
     with pytest.raises(UserError):
