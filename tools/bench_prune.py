@@ -44,7 +44,7 @@ from edgec.errors import UserError  # noqa: E402
 from edgec.frontends.torch import EXPORTERS  # noqa: E402
 from edgec.passes.core import PassContext  # noqa: E402
 from edgec.passes.manager import PassManager  # noqa: E402
-from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY  # noqa: E402
+from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY, Ledger  # noqa: E402
 from edgec.report import write_json  # noqa: E402
 
 DATA_FILES = (*bench_int8.DATA_FILES, "sentences.npz")
@@ -155,16 +155,9 @@ def prune_grid(exporter: str, cleaned: Path, folder: Path, data: dict, args) -> 
 
 def removed_units(path: Path) -> dict:
     """Heads and FFN neurons removed, from the ledgers the passes keep in the model's metadata."""
-    import json
-
     model = eir.load(path)
-    out = {}
-    for kind in ("heads", "ffn"):
-        text = model.metadata_props.get(f"edgec.prune.{kind}")
-        if text:
-            ledger = json.loads(text)
-            out[kind] = {"total": ledger["total"], "removed": ledger["removed"]}
-    return out
+    ledgers = (Ledger.read(model, kind, 0) for kind in ("heads", "ffn"))
+    return {ledger.kind: {"total": ledger.total, "removed": ledger.removed} for ledger in ledgers if ledger.total}
 
 
 def edgec_compile(exporter: str, source: Path, outdir: Path, precision: str, data: dict) -> tuple[Path | None, str | None]:

@@ -271,7 +271,12 @@ def builder(model: ir.Model, block: AttentionBlock, values: dict[str, ir.Value],
 def replace_output(model: ir.Model, block: AttentionBlock, new: ir.Value) -> int:
     """Moves the readers of the block's old output to `new` and removes what is left dead. A graph
     output keeps its name. Returns the number of nodes removed."""
-    old = _values_by_name(model)[block.output]
+    return replace_value(model, block.output, new)
+
+
+def replace_value(model: ir.Model, output: str, new: ir.Value) -> int:
+    """`replace_output` for any block's output value, named `output`."""
+    old = _values_by_name(model)[output]
     if new.shape is None and old.shape is not None:
         new.shape, new.type = old.shape, old.type
     name = old.name if old.is_graph_output() else None

@@ -39,8 +39,6 @@ REFERENCE_KEY = "prune_reference"
 # Ridge term of the refit, relative to the mean diagonal of the Gram matrix: keeps the solve stable
 # when kept columns are nearly collinear (GELU neurons that are almost never active).
 RIDGE = 1e-4
-# Refit towards the original residual sum (see `refit`), not the block's own original output.
-RESIDUAL_TARGET = True
 BATCH = 8
 
 Progress = Callable[[str], None]
@@ -50,8 +48,7 @@ def calibration_feeds(ctx, pass_name: str) -> dict[str, np.ndarray]:
     feeds = ctx.options.get(CALIBRATION_FEEDS_KEY)
     if feeds is None:
         raise UserError(f"{pass_name} ranks and refits what it removes on calibration data, and has none",
-                        "compile with --prune ... --calib DATA.npz (or `edgec opt --calib DATA.npz`); "
-                        "explicit units with reconstruct=false need no data")
+                        "compile with --prune ... --calib DATA.npz; explicit units with reconstruct=false need no data")
     return feeds
 
 
@@ -122,8 +119,8 @@ def augmented_gram(x: np.ndarray) -> np.ndarray:
     return xa.T @ xa
 
 
-class _Sessions:
-    """onnxruntime sessions fetching intermediate values, run over the calibration data in batches."""
+class _Batches:
+    """The calibration data in batches, each with its token mask."""
 
     def __init__(self, feeds: Mapping[str, np.ndarray]):
         from edgec.verify import token_mask
@@ -132,7 +129,8 @@ class _Sessions:
         self.samples = min(len(v) for v in feeds.values())
         self.mask = token_mask(feeds)
 
-    def batches(self, model: ir.Model) -> tuple[int, list[tuple[int, int]]]:
+    def spans(self, model: ir.Model) -> list[tuple[int, int]]:
+        """(start, end) of each batch: the model's fixed batch size, or BATCH samples."""
         from edgec.quantize.calibrate import batch_size_for
 
         graph_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
@@ -141,7 +139,7 @@ class _Sessions:
         except ValueError as exc:
             raise UserError(f"pruning cannot run the calibration data: {exc}",
                             "give --calib samples in a count the model's batch size divides") from None
-        return batch, [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
+        return [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
 
     def chunk(self, start: int, end: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         mask = self.mask[start:end] if self.mask is not None else None
@@ -175,6 +173,7 @@ def reference_session(model: ir.Model, ctx, fetch: list[str]):
     if owner is not model:  # a context reused for another model starts afresh
         reference = eir.clone(model)
         ctx.options[REFERENCE_KEY] = (model, reference)
+
     def widths(m: ir.Model) -> dict[str, object]:
         return {v.name: (v.shape[-1] if v.shape is not None and len(v.shape) else None)
                 for node in m.graph for v in node.outputs if v.name in fetch}
@@ -212,28 +211,33 @@ class Measured:
         return second - np.outer(mean, mean)
 
 
-def residual_of(model: ir.Model, output: str) -> str:
-    """The residual sum the block's `output` is added to (the Add reading it), or `output` itself."""
+def _residual_add(model: ir.Model, output: str) -> tuple[ir.Value, ir.Node | None]:
+    """The block's `output` value and the one Add among its readers (None when not exactly one)."""
     from edgec.analysis.attention import _values_by_name
     from edgec.ir.constants import is_onnx_op
 
     value = _values_by_name(model)[output]
     adds = [user for user, _ in value.uses() if is_onnx_op(user, "Add")]
-    return adds[0].outputs[0].name if len(adds) == 1 else output
+    return value, adds[0] if len(adds) == 1 else None
+
+
+def residual_of(model: ir.Model, output: str) -> str:
+    """The residual sum the block's `output` is added to (the Add reading it), or `output` itself."""
+    _, add = _residual_add(model, output)
+    return add.outputs[0].name if add is not None else output
 
 
 def measure(model: ir.Model, feeds: Mapping[str, np.ndarray], inputs: list[str], residuals: list[str],
             progress: Progress, what: str) -> list[Measured]:
     """One run of `model` over the calibration data: the augmented Gram matrix of each value in
     `inputs` and the energy of each value in `residuals` (pairs, one per block)."""
-    data = _Sessions(feeds)
+    data = _Batches(feeds)
     fetch = list(dict.fromkeys(inputs + residuals))
     sess = session(model, fetch)
     grams: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     energies: dict[str, float] = {}
-    _, spans = data.batches(model)
-    for i, (start, end) in enumerate(spans):
+    for start, end in data.spans(model):
         chunk, mask = data.chunk(start, end)
         for name, array in zip(fetch, run_fetch(sess, fetch, chunk)):
             x = rows(array, mask)
@@ -339,14 +343,9 @@ def cheapest_globally(orders: list[list[int]], costs: list[list[float]], count: 
 def skip_of(model: ir.Model, output: str) -> tuple[str, str] | None:
     """(the residual sum, the other value added) when the block's `output` joins the residual stream
     through one Add, else None."""
-    from edgec.analysis.attention import _values_by_name
-    from edgec.ir.constants import is_onnx_op
-
-    value = _values_by_name(model)[output]
-    adds = [user for user, _ in value.uses() if is_onnx_op(user, "Add")]
-    if len(adds) != 1 or len(value.uses()) != 1:
+    value, add = _residual_add(model, output)
+    if add is None or len(value.uses()) != 1:
         return None
-    add = adds[0]
     other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
     if other is None or other.name is None or other.is_initializer() or add.outputs[0].name is None:
         return None
@@ -363,8 +362,8 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     With `residual` (sum, skip), the target is what the original's residual sum needs from the block
     given the skip value the pruned model has now, R - S': the refit then also corrects what the
     layers pruned before it changed in the residual stream."""
-    data = _Sessions(feeds)
-    use_residual = residual is not None and RESIDUAL_TARGET
+    data = _Batches(feeds)
+    use_residual = residual is not None
     mine_fetch = [x_name, residual[1]] if use_residual else [x_name]
     theirs_fetch = [residual[0]] if use_residual else [x_name]
     mine = session(current, mine_fetch)
@@ -372,8 +371,7 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     gram = np.zeros((k + 1, k + 1))
     cross = np.zeros((k + 1, weight.shape[0] + 1))
     direct = np.zeros((k + 1, weight.shape[1]))
-    _, spans = data.batches(current)
-    for start, end in spans:
+    for start, end in data.spans(current):
         chunk, mask = data.chunk(start, end)
         now = run_fetch(mine, mine_fetch, chunk)
         before = run_fetch(original_session, theirs_fetch, chunk)
@@ -414,8 +412,7 @@ def replace_by_constant(model: ir.Model, output: str, like: str, value: np.ndarr
     Adds (they broadcast it), expanded to the shape of the block's input `like` for any other reader."""
     from edgec.analysis.attention import _values_by_name
     from edgec.ir.constants import is_onnx_op
-    from edgec.passes.blocks import Builder
-    from edgec.passes.cleanup._util import remove_dead
+    from edgec.passes.blocks import Builder, replace_value
 
     values = _values_by_name(model)
     old = values[output]
@@ -424,9 +421,4 @@ def replace_by_constant(model: ir.Model, output: str, like: str, value: np.ndarr
     readers = [user for user, _ in old.uses()]
     if old.is_graph_output() or not readers or not all(is_onnx_op(u, "Add") for u in readers):
         constant = b.op("Expand", constant, b.op("Shape", values[like]))
-        constant.shape, constant.type = old.shape, old.type
-    name = old.name if old.is_graph_output() else None
-    old.replace_all_uses_with(constant, replace_graph_outputs=True)
-    remove_dead([old])
-    if name is not None:
-        constant.name = name
+    replace_value(model, output, constant)

@@ -46,10 +46,15 @@ def _head_columns(heads: list[int], head_dim: int) -> np.ndarray:
     return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads]) if heads else np.zeros(0, np.int64)
 
 
+def _query_heads(block: AttentionBlock, kv_heads: list[int]) -> list[int]:
+    """The query heads that share the key/value heads `kv_heads`."""
+    groups = block.heads // block.kv_heads
+    return [h for g in kv_heads for h in range(g * groups, (g + 1) * groups)]
+
+
 def _units(block: AttentionBlock) -> list[list[int]]:
     """The removable units: query heads, grouped by the key/value head they share."""
-    groups = block.heads // block.kv_heads
-    return [list(range(g * groups, (g + 1) * groups)) for g in range(block.kv_heads)]
+    return [_query_heads(block, [g]) for g in range(block.kv_heads)]
 
 
 def _new_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray | None) -> Projection:
@@ -64,9 +69,9 @@ def rebuild_with_heads(model: ir.Model, block: AttentionBlock, kept_units: list[
     """Rebuilds `block` with the key/value groups `kept_units` (all when it keeps them all), with the
     O projection given (refit) or cut from the original. No kept unit: the block becomes its O bias."""
     values = _values_by_name(model)
-    d, groups = block.head_dim, block.heads // block.kv_heads
+    d = block.head_dim
     kv_kept = sorted(kept_units)
-    q_kept = [h for g in kv_kept for h in range(g * groups, (g + 1) * groups)]
+    q_kept = _query_heads(block, kv_kept)
     q_cols, kv_cols = _head_columns(q_kept, d), _head_columns(kv_kept, d)
     wo = blk.weight(values, block.o)
     bo = blk.bias(values, block.o)
@@ -125,16 +130,15 @@ class RemoveAttentionHeadsPass(Pass):
             kept = [u for u in range(block.kv_heads) if u not in units]
             o_weight = o_bias = None
             if opts.reconstruct:
-                groups = block.heads // block.kv_heads
-                kept_cols = _head_columns([h for g in kept for h in range(g * groups, (g + 1) * groups)], block.head_dim)
+                kept_cols = _head_columns(_query_heads(block, kept), block.head_dim)
                 values = _values_by_name(model)
                 o_weight, o_bias = common.refit(model, feeds, block.o.input, kept_cols, blk.weight(values, block.o),
                                                 blk.bias(values, block.o), original, skips[i], progress,
                                                 f"attention {i + 1}/{len(plan)}")
-            heads_gone = len(units) * (block.heads // block.kv_heads)
+            gone = _query_heads(block, units)
+            heads_gone = len(gone)
             common.record(ctx, KIND, {"layer": layer, "heads": block.heads, "removed": heads_gone,
-                                      "kept": block.heads - heads_gone,
-                                      "removed_heads": [h for g in units for h in _units(block)[g]],
+                                      "kept": block.heads - heads_gone, "removed_heads": gone,
                                       "reconstructed": opts.reconstruct})
             rebuild_with_heads(model, block, kept, o_weight, o_bias)
             stats["heads_removed"] += heads_gone

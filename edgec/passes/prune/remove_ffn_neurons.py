@@ -187,7 +187,7 @@ def rebuild_with_neurons(model: ir.Model, block: FeedForward, kept: np.ndarray,
         _cut_projection_in(model, block_nodes, block.gate, kept)
     _set_down(model, block, block_nodes, down_weight, down_bias)
     for node in block_nodes:  # the intermediate values' shapes are stale: inference fills them again
-        if node.name not in (block.down.node,):
+        if node.name != block.down.node:
             for out in node.outputs:
                 out.shape = None
 
