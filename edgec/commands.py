@@ -94,19 +94,29 @@ def _pass_table(rows: list[dict], title: str) -> Table:
 
 
 def _precision_table(quantization: dict) -> Table:
-    """Mixed precision: each quantizable op, its sensitivity and the precision it got, most sensitive first."""
+    """Mixed precision: each quantizable op, its sensitivity at each rung it was measured at and the
+    precision it got, most sensitive (at int8) first."""
     a = quantization["assignment"]
     if a["metric"] == "top1":
         met = f"top-1 {a['value']:.4f} (float {a['float_value']:.4f}, budget: lose at most {a['budget']})"
     else:
-        met = f"mean cosine {a['value']:.5f} (budget {a['budget']})"
-    title = (f"precision per op: {a['float_ops']} kept in float, {a['int8_ops']} int8; {met} "
-             f"on {a['samples']} samples of {a['data']}")
+        digits = max(5, len(f"{a['budget']}".partition(".")[2]) + 1)  # enough to tell it from the budget
+        met = f"mean cosine {a['value']:.{digits}f} (budget {a['budget']})"
+    ladder = a.get("ladder", ["int8", "fp32"])
+    counts = a.get("ops", {"int8": a["int8_ops"], "fp32": a["float_ops"]})
+    placed = ", ".join(f"{counts[rung]} {rung}" for rung in ladder)
+    title = f"precision per op ({placed}); {met} on {a['samples']} samples of {a['data']}"
     table = Table(title=title, show_edge=False)
-    for col in ("op", "kind", "sensitivity (1 - cosine, alone)", "precision"):
-        table.add_column(col, justify="right" if col.startswith("sensitivity") else "left")
+    table.add_column("op")
+    table.add_column("kind")
+    measured = ladder[:-1]
+    for rung in measured:
+        table.add_column(f"1 - cosine alone, {rung}", justify="right")
+    table.add_column("precision")
     for row in sorted(quantization["layers"], key=lambda r: -r["sensitivity"]):
-        table.add_row(row["node"], row["kind"], f"{row['sensitivity']:.2e}", row["precision"])
+        alone = row.get("sensitivities") or {"int8": row["sensitivity"]}
+        cells = [f"{alone[rung]:.2e}" if rung in alone else "-" for rung in measured]
+        table.add_row(row["node"], row["kind"], *cells, row["precision"])
     return table
 
 

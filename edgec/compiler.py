@@ -576,20 +576,26 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
         qdq, outputs = _float_outputs(model, qdq, calibration, ranges)
     layers = assignment = None
     if options.precision == "mixed":
-        from edgec.quantize.mixed import assign
+        from edgec.passes.quantize.insert_qdq import WIDE, WIDE_RANGES_KEY
+        from edgec.quantize.mixed import assign, ladder_of
 
+        ladder = ladder_of(set(backend.mixed_ladder) & set(target.precisions))
+        wide_ranges = None
+        if "int16" in ladder:  # a 16-bit grid needs no clipping
+            wide_ranges = ctx.options[WIDE_RANGES_KEY] = calibration.ranges("minmax", dtype=WIDE[qdq.activations])
         subset = {k: v[:MIXED_SAMPLES] for k, v in feeds.items()}
         budget = options.accuracy_budget if options.accuracy_budget is not None else DEFAULT_BUDGETS[options.metric]
-        chosen = assign(model, qdq, ranges, subset, budget, evaluation=evaluation,
+        chosen = assign(model, qdq, ranges, subset, budget, evaluation=evaluation, ladder=ladder, wide_ranges=wide_ranges,
                         progress=lambda done, total, message: step(f"{message} {done}/{total}"))
-        qdq = dataclasses.replace(qdq, exclude=qdq.exclude + chosen.exclude)
+        qdq = chosen.options(qdq)
         layers = [dataclasses.asdict(c) for c in chosen.choices]
         checked_on = evaluation.feeds if evaluation is not None else subset
+        counts = chosen.counts()
         assignment = {"metric": chosen.metric, "budget": chosen.budget, "value": chosen.value,
                       "float_value": chosen.float_value, "cosine_mean": chosen.cosine_mean, "cosine_min": chosen.cosine_min,
                       "data": str(options.eval) if evaluation is not None else f"{options.calib} (calibration)",
                       "samples": min(len(v) for v in checked_on.values()),
-                      "float_ops": len(chosen.exclude), "int8_ops": len(chosen.choices) - len(chosen.exclude)}
+                      "ladder": list(ladder), "ops": counts, "float_ops": counts["fp32"], "int8_ops": counts["int8"]}
     quantized = PassManager([InsertQdqPass(qdq)], ctx).run(model)
     result.records.extend(quantized.records)
     return {

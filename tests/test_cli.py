@@ -241,3 +241,24 @@ def test_passes_and_targets_listings():
 def test_main_returns_exit_codes_in_process(model_file, capsys):
     assert main(["compile", str(model_file) + ".missing", "--target", "x86-64"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_precision_table_shows_each_rung_measured():
+    from rich.console import Console
+
+    from edgec.commands import _precision_table
+
+    layers = [dict(node="emb", kind="embedding", sensitivity=9e-6, precision="fp16", sensitivities={"int8": 9e-6, "fp16": 7e-9}),
+              dict(node="ffn", kind="linear", sensitivity=5e-7, precision="int16", sensitivities={"int8": 5e-7, "int16": 3e-9}),
+              dict(node="qk", kind="attention", sensitivity=1e-13, precision="int8", sensitivities={"int8": 1e-13})]
+    assignment = dict(metric="cosine", value=0.9999992, budget=0.999999, float_value=1.0, samples=16, data="calib.npz",
+                      ladder=["int8", "int16", "fp16", "fp32"], ops={"int8": 1, "int16": 1, "fp16": 1, "fp32": 0},
+                      float_ops=0, int8_ops=1)
+    console = Console(width=200, record=True)
+    console.print(_precision_table({"assignment": assignment, "layers": layers}))
+    text = console.export_text()
+    assert "1 int8, 1 int16, 1 fp16, 0 fp32" in text and "mean cosine 0.9999992 (budget 0.999999)" in text
+    cells = [[c.strip() for c in line.split("│")] for line in text.splitlines()]
+    rows = {row[0]: row[2:] for row in cells if row[0] in ("emb", "ffn", "qk")}
+    assert rows == {"emb": ["9.00e-06", "-", "7.00e-09", "fp16"], "ffn": ["5.00e-07", "3.00e-09", "-", "int16"],
+                    "qk": ["1.00e-13", "-", "-", "int8"]}

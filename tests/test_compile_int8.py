@@ -71,11 +71,37 @@ def test_mixed_compile_meets_its_budget_and_explains_the_choice(zoo_model, tmp_p
     assert q["assignment"]["cosine_mean"] >= 0.9999
     layers = q["layers"]
     assert {row["precision"] for row in layers} <= {"int8", "fp32"} and len(layers) == q["assignment"]["float_ops"] + q["assignment"]["int8_ops"]
+    assert q["assignment"]["ladder"] == ["int8", "fp32"]  # x86-64 has no int16 or fp16 arithmetic
     floats = [row for row in layers if row["precision"] == "fp32"]
     ints = [row for row in layers if row["precision"] == "int8"]
     # The ops kept in float are the most sensitive ones.
     if floats and ints:
         assert min(r["sensitivity"] for r in floats) >= max(r["sensitivity"] for r in ints)
+
+
+def test_mixed_for_snapdragon_climbs_the_npu_ladder(zoo_model, tmp_path):
+    # Hexagon's HTP runs int8, A16W8 and fp16: an op int8 cannot hold tries int16, then fp16, then float.
+    options = CompileOptions(target="snapdragon-8", backend="onnxruntime", outdir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                             precision="mixed", calib=_calibration(tmp_path), accuracy_budget=0.999999)
+    result = compile_model(zoo_model("bert", "dynamo"), options)
+    assert result.passed, result.failures
+    a, layers = result.report["quantization"]["assignment"], result.report["quantization"]["layers"]
+    assert a["ladder"] == ["int8", "int16", "fp16", "fp32"] and a["cosine_mean"] >= 0.999999
+    assert sum(a["ops"].values()) == len(layers) and a["ops"]["int8"] == a["int8_ops"]
+    assert a["ops"]["int8"] > 0 and a["ops"]["int16"] + a["ops"]["fp16"] > 0  # the budget needs more than int8 here
+    for row in layers:  # measured at every rung up to the one it got, and no higher
+        rungs = a["ladder"][:a["ladder"].index(row["precision"]) + 1]
+        expected = [r for r in rungs if r != "fp32" and not (r == "int16" and row["kind"] == "embedding")]
+        assert list(row["sensitivities"]) == expected
+    (run,) = [r for r in result.report["passes"] if r["pass"].startswith("insert-qdq")]
+    assert run["pass"].startswith("insert-qdq{")  # the record names the wide/half ops
+    stats = run["stats"]
+    assert (stats["ops_int16"], stats["ops_fp16"]) == (a["ops"]["int16"], a["ops"]["fp16"])
+    model = load_onnx(result.artifact.path)
+    sixteen = [n for n in model.graph if n.op_type == "QuantizeLinear" and n.outputs[0].dtype.itemsize == 2]
+    assert bool(sixteen) == (a["ops"]["int16"] > 0)
+    halves = [n for n in model.graph if n.op_type in ("MatMul", "Gemm", "Gather") and n.outputs[0].dtype.name == "FLOAT16"]
+    assert len(halves) == a["ops"]["fp16"]
 
 
 def _classifier(tmp_path):

@@ -43,6 +43,9 @@ class Backend:
     description: ClassVar[str] = ""
     # Precisions this backend can emit.
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    # The rungs of mixed precision (edgec.quantize.mixed.LADDER) this backend's lowering runs; a
+    # compile uses those the target also has.
+    mixed_ladder: ClassVar[tuple[str, ...]] = ("int8", "fp32")
     # Whether artifacts keep the model's dynamic dims (TFLite, for one, specialises them).
     dynamic_shapes: ClassVar[bool] = True
 

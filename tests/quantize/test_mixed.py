@@ -145,9 +145,68 @@ def test_progress_is_reported(setup):
     m, feeds, ranges = setup
     calls = []
     a = assign(m, OPTIONS, ranges, feeds, 0.5, progress=lambda done, total, message: calls.append((done, total, message)))
-    measuring = [(d, t) for d, t, msg in calls if msg == "measuring sensitivity"]
+    measuring = [(d, t) for d, t, msg in calls if msg == "measuring int8 sensitivity"]
     assert measuring == [(i, len(NAMES)) for i in range(len(NAMES) + 1)]
-    choosing = [(d, t) for d, t, msg in calls if msg == "choosing precisions"]
+    choosing = [(d, t) for d, t, msg in calls if msg == "placing ops at int8"]
     assert choosing and all(1 <= d <= t for d, t in choosing)
-    assert {msg for _, _, msg in calls} == {"measuring sensitivity", "choosing precisions"}
+    assert {msg for _, _, msg in calls} == {"measuring int8 sensitivity", "placing ops at int8"}
     assert a.exclude == ()
+
+
+# --- the ladder: int8, int16 (A16W8), fp16, fp32 ---------------------------------------------------------
+
+def score(m, feeds, ranges, precisions: dict[str, str]) -> float:
+    """Mean output cosine with ops at the given rungs (the others int8)."""
+    def at(rung):
+        return tuple(n for n, p in precisions.items() if p == rung)
+    options = dataclasses.replace(OPTIONS, exclude=at("fp32"), wide=at("int16"), half=at("fp16"))
+    return compare(run_model(m, feeds), run_model(quantized(m, options, ranges), feeds))["cosine_mean"]
+
+
+def test_int16_rung_takes_the_op_int8_cannot_hold(setup):
+    m, feeds, ranges = setup
+    # The bad op at int16 or in float, the others int8: both about 0.9995 (their order is noise).
+    budget = min(score(m, feeds, ranges, {BAD: "int16"}), score(m, feeds, ranges, {BAD: "fp32"}))
+    assert score(m, feeds, ranges, {}) < budget
+    two_rungs = assign(m, OPTIONS, ranges, feeds, budget)
+    assert two_rungs.exclude == (BAD,)  # without int16 the op goes to float
+    a = assign(m, OPTIONS, ranges, feeds, budget, ladder=("int8", "int16", "fp32"))
+    assert precisions(a) == {"exact": "int8", "mid": "int8", "bad": "int16", "last": "int8"}
+    assert a.exclude == () and a.at("int16") == (BAD,) and a.counts() == {"int8": 3, "int16": 1, "fp32": 0}
+    assert a.cosine_mean == pytest.approx(score(m, feeds, ranges, {BAD: "int16"}))
+    bad = next(c for c in a.choices if c.node == BAD)
+    assert set(bad.sensitivities) == {"int8", "int16"} and bad.sensitivities["int16"] < bad.sensitivities["int8"] / 100
+    # Only the ops int8 could not hold are measured at int16.
+    assert all(set(c.sensitivities) == {"int8"} for c in a.choices if c.node != BAD)
+    assert a.options(OPTIONS).wide == (BAD,) and a.options(OPTIONS).exclude == ()
+
+
+def test_fp16_rung_and_what_still_needs_float(setup):
+    m, feeds, ranges = setup
+    half_bad = score(m, feeds, ranges, {BAD: "fp16"})
+    a = assign(m, OPTIONS, ranges, feeds, half_bad, ladder=("int8", "fp16", "fp32"))
+    assert a.at("fp16") == (BAD,) and a.exclude == ()
+    # A budget no fp16 op meets (bit-identical output) sends every op int8 cannot hold to fp32.
+    exact = assign(m, OPTIONS, ranges, feeds, 1.0, ladder=("int8", "int16", "fp16", "fp32"))
+    assert precisions(exact) == {"exact": "int8", "mid": "fp32", "bad": "fp32", "last": "fp32"}
+    assert all(set(c.sensitivities) == {"int8", "int16", "fp16"} for c in exact.choices if c.node != "exact")
+
+
+def test_embedding_skips_the_int16_rung():
+    rng = np.random.default_rng(0)
+    table, w = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    m = graph("g (int64[N,S] ids) => (float[N,S,4] y)", "h = Gather(t, ids)\n y = MatMul(h, w)",
+              "float[16,8] t = {" + ",".join(["0"] * 128) + "}, float[8,4] w = {" + ",".join(["0"] * 32) + "}")
+    m.graph.initializers["t"].const_value, m.graph.initializers["w"].const_value = ir.tensor(table), ir.tensor(w)
+    feeds = {"ids": rng.integers(0, 16, (4, 6))}
+    h = table[feeds["ids"]]
+    a = assign(m, OPTIONS, {"h": (float(h.min()), float(h.max()))}, feeds, 1.0, ladder=("int8", "int16", "fp16", "fp32"))
+    by_kind = {c.kind: c for c in a.choices}
+    assert set(by_kind["embedding"].sensitivities) == {"int8", "fp16"}
+    assert by_kind["embedding"].precision == "fp32"
+
+
+def test_ladder_out_of_order_is_refused(setup):
+    m, feeds, ranges = setup
+    with pytest.raises(ValueError, match="ladder"):
+        assign(m, OPTIONS, ranges, feeds, 0.5, ladder=("fp16", "int8", "fp32"))

@@ -16,6 +16,9 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     description = "optimized ONNX for onnxruntime"
     precisions = ("fp32", "int8", "mixed")
+    # The QDQ ONNX carries A16W8 (16-bit QDQ pairs) and fp16 ops as such: the QNN EP runs them on
+    # Hexagon's HTP; the CPU EP computes them in float (16-bit) or fp16.
+    mixed_ladder = ("int8", "int16", "fp16", "fp32")
 
     attention_form = "decomposed"
     fusions = ("fuse-layer-norm", "fuse-gelu")

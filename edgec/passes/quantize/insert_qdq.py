@@ -3,6 +3,11 @@ initializers behind DequantizeLinear, every activation a quantized op reads gets
 QuantizeLinear/DequantizeLinear pair with scales from calibration ranges, and embedding tables are
 gathered as int8 then dequantized. onnxruntime, TensorRT and QNN all read this form.
 
+Mixed precision names ops that take a wider rung: `wide` ops read their activations on a 16-bit grid
+with int8 weights (A16W8, which Hexagon's HTP runs), `half` ops compute in fp16 (their weights stored
+in fp16, their float inputs cast to fp16 and their result cast back), `exclude` ops stay as they
+are. An activation read by ops of two precisions gets a pair for each.
+
 With `outputs`, the result of each quantized MatMul/Gemm/Conv (after its bias Add, when a constant bias
 follows) gets a pair too: runtimes whose integer kernels write integers (TFLite's int8 FULLY_CONNECTED
 and BATCH_MATMUL) need the output's scale, and that is where it comes from."""
@@ -46,6 +51,13 @@ SCHEMES: dict[str, tuple[type, int, int, bool]] = {
     "uint16": (np.uint16, 0, 65535, False),
     "int16": (np.int16, -32767, 32767, True),
 }
+# The 16-bit scheme of A16W8 ops for each 8-bit scheme (TFLite's and QNN's 16-bit activations are
+# symmetric int16 or asymmetric uint16).
+WIDE = {"uint8": "uint16", "int8": "int16", "int8-asym": "int16", "uint16": "uint16", "int16": "int16"}
+# ctx.options key: like RANGES_KEY, the ranges of the activations `wide` ops read (16-bit grids need
+# no clipping: min/max); RANGES_KEY's serve where it is absent.
+WIDE_RANGES_KEY = "activation_ranges_16bit"
+_FP16_MAX = float(np.finfo(np.float16).max)
 # QuantizeLinear takes 16-bit types from opset 21; before that onnxruntime's contrib ops do.
 _STANDARD_16BIT_OPSET = 21
 _CONTRIB = "com.microsoft"
@@ -66,6 +78,9 @@ class InsertQdqOptions:
     # of `float_outputs` (node names: results whose int8 error calibration found too large)
     outputs: bool = False
     float_outputs: tuple[str, ...] = ()
+    # mixed precision's wider rungs (node names): 16-bit activations with int8 weights; fp16
+    wide: tuple[str, ...] = ()
+    half: tuple[str, ...] = ()
 
 
 @dataclass
@@ -79,6 +94,7 @@ class _Rewrite:
     weight: ir.Value | None = None  # linear: the constant weight input; embedding: the table
     axis: int | None = None  # the weight's per-channel axis; None: one scale for the tensor
     output: ir.Value | None = None  # with `outputs`: the value whose pair carries the result's scale
+    precision: Literal["int8", "int16", "fp16"] = "int8"
 
 
 # --- matching ----------------------------------------------------------------------------------------
@@ -170,10 +186,18 @@ def _match(node: ir.Node, options: InsertQdqOptions) -> _Rewrite | str | None:
         return None
     else:
         result = _match_linear(node, options)
-    if isinstance(result, _Rewrite) and node.name in options.exclude:
+    if not isinstance(result, _Rewrite):
+        return result
+    if node.name in options.exclude:
         return "excluded"
-    if isinstance(result, _Rewrite) and options.outputs and result.kind != "embedding" \
-            and node.name not in options.float_outputs:
+    if node.name in options.half:
+        if result.dtype != T.FLOAT:
+            return "computes in fp16 already"
+        result.precision = "fp16"
+        return result
+    if node.name in options.wide and result.kind != "embedding":  # a table's int8 rows have no activation
+        result.precision = "int16"
+    if options.outputs and result.kind != "embedding" and node.name not in options.float_outputs:
         result.output = _output_point(result)
     return result
 
@@ -205,7 +229,7 @@ def _plan(model: ir.Model, options: InsertQdqOptions, allow: Callable[[], bool] 
 
 
 def _activation_names(rewrites: list[_Rewrite]) -> list[str]:
-    values = [x for r in rewrites for x in (*r.activations, r.output) if x is not None]
+    values = [x for r in rewrites if r.precision != "fp16" for x in (*r.activations, r.output) if x is not None]
     return list(dict.fromkeys(x.name for x in values))
 
 
@@ -288,16 +312,23 @@ def _check_range(name: str, value) -> tuple[float, float]:
 class _Builder:
     """Adds the Q/DQ nodes of one pass run, sharing a pair per activation and a DQ per weight."""
 
-    def __init__(self, model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tuple[float, float]]):
+    def __init__(self, model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tuple[float, float]],
+                 wide_ranges: Mapping[str, tuple[float, float]] | None = None):
         self.model, self.graph, self.options, self.ranges = model, model.graph, options, ranges
-        self.pairs: dict[int, ir.Value] = {}
+        self.wide_ranges = wide_ranges or ranges
+        self.pairs: dict[tuple[int, str], ir.Value] = {}  # (activation, scheme) -> its pair's output
         self.weights: dict[tuple[int, int | None], ir.Value] = {}
         self.tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.halves: dict[int, ir.Value] = {}  # float value -> its fp16 copy (initializer or Cast)
         self.added_bytes = 0
-        self.domain = ""
-        if SCHEMES[options.activations][0] in (np.uint16, np.int16):
-            if model.opset_imports.get("", 0) < _STANDARD_16BIT_OPSET:
-                self.domain = _CONTRIB
+
+    def scheme(self, r: _Rewrite) -> str:
+        return WIDE[self.options.activations] if r.precision == "int16" else self.options.activations
+
+    def _domain(self, scheme: str) -> str:
+        """QuantizeLinear's domain: the standard one, except for 16-bit types before opset 21."""
+        wide = SCHEMES[scheme][0] in (np.uint16, np.int16)
+        return _CONTRIB if wide and self.model.opset_imports.get("", 0) < _STANDARD_16BIT_OPSET else ""
 
     def _node(self, anchor: ir.Node, op: str, inputs, like: ir.Value, dtype: ir.DataType, domain: str = "",
               *, after: bool = False, **attrs) -> ir.Value:
@@ -314,30 +345,57 @@ class _Builder:
         self.added_bytes += array.nbytes
         return add_initializer(self.graph, array)
 
-    def activation(self, x: ir.Value, dtype: ir.DataType, reader: ir.Node, *, after: bool = False) -> ir.Value:
-        """x through its QuantizeLinear/DequantizeLinear pair, built before `reader` the first time
-        (after it with `after`: `reader` is then x's producer)."""
-        if id(x) not in self.pairs:
-            low, high = self.ranges[x.name]
-            scale, zero = activation_params(low, high, self.options.activations, dtype.numpy())
+    def activation(self, x: ir.Value, dtype: ir.DataType, reader: ir.Node, scheme: str, *,
+                   after: bool = False) -> ir.Value:
+        """x through its QuantizeLinear/DequantizeLinear pair of `scheme`, built before `reader` the
+        first time (after it with `after`: `reader` is then x's producer)."""
+        key = (id(x), scheme)
+        if key not in self.pairs:
+            wide = SCHEMES[scheme][0] in (np.uint16, np.int16) and scheme != self.options.activations
+            low, high = (self.wide_ranges if wide else self.ranges)[x.name]
+            scale, zero = activation_params(low, high, scheme, dtype.numpy())
             s, z = add_initializer(self.graph, scale), add_initializer(self.graph, zero)
-            if self.domain:
-                self.model.opset_imports.setdefault(self.domain, 1)
-            q = self._node(reader, "QuantizeLinear", [x, s, z], x, ir.DataType.from_numpy(zero.dtype), self.domain,
+            domain = self._domain(scheme)
+            if domain:
+                self.model.opset_imports.setdefault(domain, 1)
+            q = self._node(reader, "QuantizeLinear", [x, s, z], x, ir.DataType.from_numpy(zero.dtype), domain,
                            after=after)
-            self.pairs[id(x)] = self._node(q.producer() if after else reader, "DequantizeLinear", [q, s, z], x, dtype,
-                                           self.domain, after=after)
-        return self.pairs[id(x)]
+            self.pairs[key] = self._node(q.producer() if after else reader, "DequantizeLinear", [q, s, z], x, dtype,
+                                         domain, after=after)
+        return self.pairs[key]
 
-    def output(self, y: ir.Value, dtype: ir.DataType) -> None:
-        """Puts y's pair right after its producer and has every reader of y read the pair instead;
-        a quantized op reading y later finds the pair built."""
-        if id(y) in self.pairs:
+    def output(self, y: ir.Value, dtype: ir.DataType, scheme: str) -> None:
+        """Puts y's pair right after its producer and has every reader of y read the pair instead
+        (the result is quantized once, as the integer kernel writes it); a quantized op reading y
+        later finds the pair built."""
+        if (id(y), scheme) in self.pairs:
             return
         readers = [(use.node, use.idx) for use in y.uses()]
-        dq = self.activation(y, dtype, y.producer(), after=True)
+        dq = self.activation(y, dtype, y.producer(), scheme, after=True)
         for node, index in readers:
             node.replace_input_with(index, dq)
+
+    def _half_of(self, value: ir.Value, reader: ir.Node) -> ir.Value:
+        """The fp16 copy of a float value: a constant converted once (clipped to fp16's range), an
+        activation cast once, before its first fp16 reader."""
+        if id(value) not in self.halves:
+            array = constant_array(value)
+            if array is not None:
+                self.halves[id(value)] = self._const(np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16))
+            else:
+                self.halves[id(value)] = self._node(reader, "Cast", [value], value, T.FLOAT16, to=T.FLOAT16)
+        return self.halves[id(value)]
+
+    def half(self, r: _Rewrite) -> None:
+        """The node again, computing in fp16 from fp16 copies of its float inputs, its result cast back
+        to float (under the old name where it is a graph output)."""
+        node = r.node
+        inputs = [v if v is None or v.dtype != T.FLOAT else self._half_of(v, node) for v in node.inputs]
+        same = {name: attr.value for name, attr in node.attributes.items()}
+        old = node.outputs[0]
+        computed = self._node(node, node.op_type, inputs, old, T.FLOAT16, node.domain, **same)
+        computed.producer().name = node.name  # the node keeps its name (mixed precision chose it by name)
+        bypass(node, self._node(node, "Cast", [computed], old, T.FLOAT, to=T.FLOAT))
 
     def _codes(self, w: ir.Value, axis: int | None) -> tuple[ir.Value, ir.Value]:
         codes, scale = quantize_weight(constant_array(w), axis)
@@ -383,7 +441,8 @@ class InsertQdqPass(Pass):
         ensure_shapes(model, ctx, _OPS)
         rewrites, _ = _plan(model, self.options, lambda: ctx.allow(self.name))
         stats = dict.fromkeys(("ops_quantized", "weights_quantized", "activations_quantized", "attention_matmuls",
-                               "embeddings_quantized", "outputs_quantized", "weight_bytes_saved"), 0)
+                               "embeddings_quantized", "outputs_quantized", "ops_int16", "ops_fp16",
+                               "weight_bytes_saved"), 0)
         if not rewrites:
             return PassResult(model, False, stats)
         given = ctx.options.get(RANGES_KEY) or {}
@@ -398,12 +457,21 @@ class InsertQdqPass(Pass):
             raise UserError(f"insert-qdq writes opset-19 QDQ but the model imports ONNX opset {model.opset_imports.get('')}",
                             "load it through edgec's ONNX frontend, which converts it to opset 20")
 
-        b = _Builder(model, self.options, ranges)
+        wide = ctx.options.get(WIDE_RANGES_KEY)
+        wide_ranges = {name: _check_range(name, wide[name]) for name in needed if name in wide} if wide else None
+        b = _Builder(model, self.options, ranges, wide_ranges)
         floats: dict[int, ir.Value] = {}
         # Embeddings last: replacing a Gather renames its output, which a quantized op may read (and
         # calibration measured under the old name); the pair built on it moves along with the uses.
         for r in sorted(rewrites, key=lambda r: r.kind == "embedding"):
             node = r.node
+            if r.precision == "fp16":
+                floats.update((id(v), v) for v in node.inputs if v is not None and v.dtype == T.FLOAT
+                              and constant_tensor(v) is not None)
+                b.half(r)
+                stats["ops_fp16"] += 1
+                continue
+            stats["ops_int16"] += r.precision == "int16"
             if r.kind == "embedding":
                 floats[id(r.weight)] = r.weight
                 b.embedding(r)
@@ -411,12 +479,12 @@ class InsertQdqPass(Pass):
             else:
                 for index, value in enumerate(list(node.inputs)):
                     if value is not None and any(value is x for x in r.activations):
-                        node.replace_input_with(index, b.activation(value, r.dtype, node))
+                        node.replace_input_with(index, b.activation(value, r.dtype, node, b.scheme(r)))
                 if r.weight is not None:
                     floats[id(r.weight)] = r.weight
                     node.replace_input_with(1, b.weight(r.weight, r.axis, node))
                 if r.output is not None:
-                    b.output(r.output, r.dtype)
+                    b.output(r.output, r.dtype, b.scheme(r))
                     stats["outputs_quantized"] += 1
                 stats["attention_matmuls"] += r.kind == "attention"
             stats["ops_quantized"] += 1

@@ -83,7 +83,8 @@ def test_matmul_gets_int8_weight_and_activation_pair():
         xs=x_scale, wq=codes, ws=scales)
     result = quantize(before, {"x": (-1.0, 3.0)}, expected)
     assert result.stats == {"ops_quantized": 1, "weights_quantized": 1, "activations_quantized": 1,
-                            "attention_matmuls": 0, "embeddings_quantized": 0, "outputs_quantized": 0, "weight_bytes_saved": 48 - 12 - 12}
+                            "attention_matmuls": 0, "embeddings_quantized": 0, "outputs_quantized": 0, "ops_int16": 0,
+                            "ops_fp16": 0, "weight_bytes_saved": 48 - 12 - 12}
 
 
 def test_gather_from_constant_table_dequantizes_the_rows():
@@ -449,3 +450,96 @@ def test_outputs_golden_graph():
         "int8[4,3] wq = {0,0,0,0,0,0,0,0,0,0,0,0}, float[3] ws = {0,0,0}"),
         xs=np.float32(2.0 / 127), bs=np.float32(4.0 / 127), wq=codes, ws=np.abs(W).max(axis=0) / np.float32(127))
     quantize(dense(), {"x": (-2.0, 2.0), "b": (-4.0, 4.0)}, expected, outputs=True, activations="int8")
+
+
+# --- mixed precision's wider rungs: A16W8 (`wide`) and fp16 (`half`) ------------------------------------
+
+TWO_READERS = ("g (float[N,4] x) => (float[N,3] y1, float[N,3] y2)", "y1 = MatMul(x, w1)\n y2 = MatMul(x, w2)")
+
+
+def two_readers() -> tuple[ir.Model, list[str]]:
+    before = model(*TWO_READERS, f"float[4,3] w1 = {{{text(W)}}}, float[4,3] w2 = {{{text(-W)}}}")
+    eir.name_nodes(before)
+    return before, [n.name for n in before.graph]
+
+
+def test_wide_op_reads_its_own_16bit_pair():
+    before, (narrow, wide) = two_readers()
+    result = quantize(before, {"x": (-1.0, 3.0)}, wide=(wide,))
+    assert result.stats["ops_quantized"] == 2 and result.stats["ops_int16"] == 1
+    assert result.stats["activations_quantized"] == 2  # one activation, one pair per scheme
+    by_node = {n.name: n for n in result.model.graph}
+    zero = {name: const(by_node[name].inputs[0].producer().inputs[2]) for name in (narrow, wide)}
+    assert zero[narrow].dtype == np.uint8 and zero[narrow] == 64
+    assert zero[wide].dtype == np.uint16 and zero[wide] == 16384
+    # Weights stay int8 and are shared by neither (two weights), one DequantizeLinear each.
+    assert [const(by_node[n].inputs[1].producer().inputs[0]).dtype for n in (narrow, wide)] == [np.int8] * 2
+    assert by_node[wide].inputs[0].producer().domain == "com.microsoft"  # 16-bit at opset 20
+    x = np.random.default_rng(0).uniform(-1, 3, (16, 4)).astype(np.float32)
+    out = run_model(result.model, {"x": x}, optimize=False)
+    err = {"y1": np.abs(out["y1"] - x @ W).max(), "y2": np.abs(out["y2"] + x @ W).max()}
+    assert err["y2"] < err["y1"] / 2  # the 16-bit grid leaves only the weights' rounding
+
+
+def test_wide_ranges_come_from_their_own_key():
+    before, (_, wide) = two_readers()
+    ctx = PassContext(options={"activation_ranges": {"x": (-1.0, 1.0)},
+                               "activation_ranges_16bit": {"x": (-2.0, 2.0)}})
+    m = run_pass(InsertQdqPass(wide=(wide,), activations="int8"), before, ctx).model
+    scales = {str(const(q.inputs[2]).dtype): float(const(q.inputs[1])) for q in ops(m, "QuantizeLinear")}
+    assert scales == {"int8": pytest.approx(1 / 127), "int16": pytest.approx(2 / 32767)}
+
+
+def test_half_op_computes_in_fp16_and_keeps_its_output_name():
+    before, (narrow, half) = two_readers()
+    result = quantize(before, {"x": (-1.0, 3.0)}, half=(half,))
+    assert result.stats["ops_quantized"] == 1 and result.stats["ops_fp16"] == 1
+    m = result.model
+    (computed,) = [n for n in m.graph if n.name == half]
+    assert computed.op_type == "MatMul" and computed.outputs[0].dtype == ir.DataType.FLOAT16
+    assert const(computed.inputs[1]).dtype == np.float16  # the weight is stored in fp16
+    assert computed.inputs[0].producer().op_type == "Cast"
+    (back,) = [u.node for u in computed.outputs[0].uses()]
+    assert back.op_type == "Cast" and back.outputs[0].name == "y2" and back.outputs[0].is_graph_output()
+    assert [o.name for o in m.graph.outputs] == ["y1", "y2"]
+    x = np.random.default_rng(0).uniform(-1, 3, (16, 4)).astype(np.float32)
+    out = run_model(m, {"x": x})
+    assert out["y2"].dtype == np.float32
+    np.testing.assert_allclose(out["y2"], -x @ W, rtol=2e-3, atol=2e-3)
+    assert "x" in quantizable_activations(before, InsertQdqOptions(half=(half,)))  # int8 reader still needs it
+
+
+def test_half_gemm_and_embedding_convert_every_float_constant():
+    rng = np.random.default_rng(0)
+    table, w, c = (rng.standard_normal(s).astype(np.float32) for s in ((6, 4), (3, 4), (3,)))
+    before = consts(model("g (int64[S] ids) => (float[S,3] y)", "h = Gather(t, ids)\n y = Gemm <transB = 1> (h, w, c)",
+                          "float[6,4] t = {" + ",".join(["0"] * 24) + "}, float[3,4] w = {" + ",".join(["0"] * 12)
+                          + "}, float[3] c = {0,0,0}"), t=table, w=w, c=c)
+    eir.name_nodes(before)
+    names = tuple(n.name for n in before.graph)
+    assert quantizable_activations(before, InsertQdqOptions(half=names)) == []
+    result = quantize(before, {}, half=names)
+    assert result.stats["ops_fp16"] == 2 and result.stats["ops_quantized"] == 0
+    m = result.model
+    assert sorted(str(v.const_value.numpy().dtype) for v in m.graph.initializers.values()) == ["float16"] * 3
+    ids = np.array([5, 0, 2])
+    np.testing.assert_allclose(run_model(m, {"ids": ids})["y"], table[ids] @ w.T + c, rtol=3e-3, atol=3e-3)
+
+
+def test_half_clips_weights_to_the_fp16_range():
+    before = consts(model("g (float[N,2] x) => (float[N,1] y)", "y = MatMul(x, w)", "float[2,1] w = {0, 0}"),
+                    w=np.array([[1e6], [-1.0]], np.float32))
+    eir.name_nodes(before)
+    m = quantize(before, {}, half=(next(iter(before.graph)).name,)).model
+    (w16,) = [v.const_value.numpy() for v in m.graph.initializers.values()]
+    assert w16.dtype == np.float16 and np.isfinite(w16).all() and w16[0, 0] == np.finfo(np.float16).max
+
+
+def test_half_near_miss_on_an_fp16_model():
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16)
+    before = consts(model("g (float16[N,8] x) => (float16[N,4] y)", "y = MatMul(x, w)",
+                          "float16[8,4] w = {" + ", ".join(["0"] * 32) + "}"), w=w)
+    eir.name_nodes(before)
+    name = next(iter(before.graph)).name
+    assert near_misses(before, InsertQdqOptions(half=(name,))) == {name: "computes in fp16 already"}
+    check_pass(InsertQdqPass(half=(name,)), before, None)
