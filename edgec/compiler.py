@@ -630,10 +630,12 @@ def _float_outputs(model, qdq, calibration, ranges) -> tuple:
 def _smooth(model, qdq, ctx: PassContext, feeds: dict, progress, result) -> dict:
     """Smooths (in place) the activations whose quantized MatMuls measurably gain from it, each with
     its own alpha; returns the report's table."""
+    from edgec.passes.quantize.insert_qdq import WEIGHT_QMAX
     from edgec.passes.quantize.smooth_quant import CHANNEL_ABSMAX_KEY, SMOOTH_ALPHAS_KEY, SmoothQuantPass
     from edgec.quantize.smoothing import choose
 
-    found = choose(model, feeds, scheme=qdq.activations, per_channel=qdq.per_channel, progress=progress)
+    found = choose(model, feeds, scheme=qdq.activations, per_channel=qdq.per_channel,
+                   weight_qmax=WEIGHT_QMAX[qdq.weights], progress=progress)
     if found.alphas:
         ctx.options[CHANNEL_ABSMAX_KEY] = found.channel_absmax
         ctx.options[SMOOTH_ALPHAS_KEY] = found.alphas

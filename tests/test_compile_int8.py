@@ -79,6 +79,18 @@ def test_mixed_compile_meets_its_budget_and_explains_the_choice(zoo_model, tmp_p
         assert min(r["sensitivity"] for r in floats) >= max(r["sensitivity"] for r in ints)
 
 
+def test_int8_for_x86_without_vnni_stores_7bit_weights(zoo_model, tmp_path):
+    options = CompileOptions(target="x86-64-avx2", outdir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                             precision="int8", calib=_calibration(tmp_path))
+    result = compile_model(zoo_model("bert", "dynamo"), options)
+    assert result.passed, result.failures
+    assert result.report["quantization"]["scheme"]["weights"] == "int7 symmetric per-channel"
+    model = load_onnx(result.artifact.path)
+    matmul_weights = [n.inputs[0].const_value.numpy() for n in model.graph if n.op_type == "DequantizeLinear"
+                      and n.inputs[0].is_initializer() and any(u.node.op_type == "MatMul" for u in n.outputs[0].uses())]
+    assert matmul_weights and max(int(np.abs(w).max()) for w in matmul_weights) == 63
+
+
 def test_mixed_for_snapdragon_climbs_the_npu_ladder(zoo_model, tmp_path):
     # Hexagon's HTP runs int8, A16W8 and fp16: an op int8 cannot hold tries int16, then fp16, then float.
     options = CompileOptions(target="snapdragon-8", backend="onnxruntime", outdir=tmp_path / "out", cache_dir=tmp_path / "cache",

@@ -86,25 +86,25 @@ def _fake_quantize(x: np.ndarray, low: float, high: float, scheme: str) -> np.nd
     return ((np.clip(np.rint(x / scale) + zero, qmin, qmax) - zero) * scale).astype(np.float32)
 
 
-def _dequantized_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
-    codes, scale = quantize_weight(w, 1 if per_channel else None)
+def _dequantized_weight(w: np.ndarray, per_channel: bool, qmax: int = 127) -> np.ndarray:
+    codes, scale = quantize_weight(w, 1 if per_channel else None, qmax)
     return codes.astype(np.float32) * (scale.astype(np.float32)[None, :] if per_channel else np.float32(scale))
 
 
 def output_error(x: np.ndarray, w: np.ndarray, low: np.ndarray, high: np.ndarray, scale: np.ndarray | None,
-                 scheme: str, per_channel: bool = True) -> float:
+                 scheme: str, per_channel: bool = True, weight_qmax: int = 127) -> float:
     """Relative squared error of x·w when x / scale and scale·w are quantized (scale None: no smoothing).
 
     `low`/`high` are x's per-channel extremes over all the data: the activation range follows from them."""
     reference = x @ w
     if scale is not None:
         x, w, low, high = x / scale, w * scale[:, None], low / scale, high / scale
-    got = _fake_quantize(x, float(low.min()), float(high.max()), scheme) @ _dequantized_weight(w, per_channel)
+    got = _fake_quantize(x, float(low.min()), float(high.max()), scheme) @ _dequantized_weight(w, per_channel, weight_qmax)
     return float(((got - reference) ** 2).sum() / max(float((reference ** 2).sum()), np.finfo(np.float32).tiny))
 
 
 def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "uint8", per_channel: bool = True,
-           samples: int = 64, rows: int = 2048, batch_size: int = 8, alphas: tuple[float, ...] = ALPHAS,
+           weight_qmax: int = 127, samples: int = 64, rows: int = 2048, batch_size: int = 8, alphas: tuple[float, ...] = ALPHAS,
            exclude: tuple[str, ...] = (), progress: Progress | None = None, seed: int = 0) -> Smoothing:
     """The alpha of every smoothable activation of `model`, measured on the first `samples` of `feeds`.
 
@@ -147,11 +147,11 @@ def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "u
         rows_of, w = collected[name], weights[name]
         x = rows_of.sample()
         absmax[name] = np.maximum(-rows_of.low, rows_of.high).astype(np.float64)
-        before = output_error(x, w, rows_of.low, rows_of.high, None, scheme, per_channel)
+        before = output_error(x, w, rows_of.low, rows_of.high, None, scheme, per_channel, weight_qmax)
         best_alpha, best = None, before
         for alpha in alphas:
             scale = smooth_scale(absmax[name], np.abs(w).max(axis=1), alpha)
-            error = output_error(x, w, rows_of.low, rows_of.high, scale.astype(np.float32), scheme, per_channel)
+            error = output_error(x, w, rows_of.low, rows_of.high, scale.astype(np.float32), scheme, per_channel, weight_qmax)
             if error < best and error < before * (1 - MIN_GAIN):
                 best_alpha, best = alpha, error
         choices.append(SmoothChoice(name, best_alpha, before, best, len(readers(values[name], options))))

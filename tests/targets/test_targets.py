@@ -25,7 +25,7 @@ from edgec.targets import (
 from edgec.targets.cost import best_unit, estimate_node_seconds
 
 PROFILE_FILES = sorted(PROFILES_DIR.glob("*.toml"))
-SHIPPED = ["apple-a17", "jetson-orin-nano", "raspberry-pi-5", "snapdragon-8", "x86-64"]
+SHIPPED = ["apple-a17", "jetson-orin-nano", "raspberry-pi-5", "snapdragon-8", "x86-64", "x86-64-avx2"]
 
 # A line that assigns a number (`fp32 = 1.5e11`, `memory_size = 8_589_934_592`).
 NUMBER_LINE = re.compile(r"^\s*[A-Za-z0-9_\"-]+\s*=\s*[+-]?(\d|\.\d|inf|nan)")

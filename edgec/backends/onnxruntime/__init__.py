@@ -11,6 +11,9 @@ import onnx_ir as ir
 from edgec import ir as eir
 from edgec.backends import Artifact, Backend
 
+# x86 features with an instruction that sums u8 x s8 products into int32 without 16-bit saturation.
+VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
@@ -29,7 +32,10 @@ class OnnxRuntimeBackend(Backend):
     cpu_fusions = ("fuse-layer-norm", "fuse-gelu", "fuse-skip-norm", "fuse-bias-gelu")
 
     def quantization(self, target) -> dict:
-        # onnxruntime's CPU integer GEMMs take uint8 activations with int8 weights (u8s8).
+        # onnxruntime's CPU integer GEMMs take uint8 activations with int8 weights (u8s8). On x86 without
+        # VNNI they multiply with VPMADDUBSW, whose 16-bit pair sums saturate unless weights are 7-bit.
+        if target.arch == "x86_64" and not set(target.cpu_features) & VNNI:
+            return {"activations": "uint8", "weights": "int7"}
         return {"activations": "uint8"}
 
     def lowering_pipeline(self, target, precision: str) -> str:

@@ -51,6 +51,10 @@ SCHEMES: dict[str, tuple[type, int, int, bool]] = {
     "uint16": (np.uint16, 0, 65535, False),
     "int16": (np.int16, -32767, 32767, True),
 }
+# weight scheme -> the largest code of the symmetric grid. int7 is int8 storage with codes in
+# [-63, 63]: x86 CPUs without VNNI multiply u8 x s8 with VPMADDUBSW, whose 16-bit sum of two products
+# saturates for 8-bit weights (255 * 127 * 2 > 32767) but not for 7-bit ones (255 * 63 * 2 < 32767).
+WEIGHT_QMAX = {"int8": 127, "int7": 63}
 # The 16-bit scheme of A16W8 ops for each 8-bit scheme (TFLite's and QNN's 16-bit activations are
 # symmetric int16 or asymmetric uint16).
 WIDE = {"uint8": "uint16", "int8": "int16", "int8-asym": "int16", "uint16": "uint16", "int16": "int16"}
@@ -67,7 +71,7 @@ _CONTRIB = "com.microsoft"
 class InsertQdqOptions:
     # activation scheme: uint8 asymmetric, int8 symmetric, or 16-bit (Hexagon's A16W8, say)
     activations: Literal["uint8", "int8", "int8-asym", "uint16", "int16"] = "uint8"
-    weights: Literal["int8"] = "int8"  # symmetric
+    weights: Literal["int8", "int7"] = "int8"  # symmetric; int7 for x86 without VNNI (WEIGHT_QMAX)
     per_channel: bool = True
     # also quantize MatMuls of two activations (Q·Kᵀ and P·V) when the target runs them in integers
     attention: bool = True
@@ -266,19 +270,20 @@ def _positive(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.maximum(scale, np.finfo(dtype).tiny).astype(dtype)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8: (codes, scales) with scale = max|w| / 127 along `axis` (None: one for the tensor)."""
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: (codes, scales) with scale = max|w| / qmax along `axis` (None: one for the
+    tensor); codes in [-qmax, qmax]."""
     w32 = w.astype(np.float32)
     if axis is None:
-        scale = _positive(np.asarray(np.abs(w32).max() / 127), w.dtype)
+        scale = _positive(np.asarray(np.abs(w32).max() / qmax), w.dtype)
         broadcast = scale.astype(np.float32)
     else:
         others = tuple(i for i in range(w.ndim) if i != axis)
-        scale = _positive(np.abs(w32).max(axis=others) / 127, w.dtype)
+        scale = _positive(np.abs(w32).max(axis=others) / qmax, w.dtype)
         shape = [1] * w.ndim
         shape[axis] = -1
         broadcast = scale.astype(np.float32).reshape(shape)
-    codes = np.clip(np.rint(w32 / broadcast), -127, 127).astype(np.int8)
+    codes = np.clip(np.rint(w32 / broadcast), -qmax, qmax).astype(np.int8)
     return codes, scale
 
 
@@ -397,14 +402,16 @@ class _Builder:
         computed.producer().name = node.name  # the node keeps its name (mixed precision chose it by name)
         bypass(node, self._node(node, "Cast", [computed], old, T.FLOAT, to=T.FLOAT))
 
-    def _codes(self, w: ir.Value, axis: int | None) -> tuple[ir.Value, ir.Value]:
-        codes, scale = quantize_weight(constant_array(w), axis)
+    def _codes(self, w: ir.Value, axis: int | None, qmax: int = 127) -> tuple[ir.Value, ir.Value]:
+        codes, scale = quantize_weight(constant_array(w), axis, qmax)
         return self._const(codes), self._const(scale)
 
     def weight(self, w: ir.Value, axis: int | None, reader: ir.Node) -> ir.Value:
+        """The int8 weight (codes on the options' weight grid; tables keep all of int8: a Gather does
+        no integer arithmetic) behind its DequantizeLinear, shared by the readers of `w`."""
         key = (id(w), axis)
         if key not in self.weights:
-            codes, scale = self._codes(w, axis)
+            codes, scale = self._codes(w, axis, WEIGHT_QMAX[self.options.weights])
             attrs = {} if axis is None else {"axis": axis}
             self.weights[key] = self._node(reader, "DequantizeLinear", [codes, scale], w, w.dtype, **attrs)
         return self.weights[key]

@@ -543,3 +543,48 @@ def test_half_near_miss_on_an_fp16_model():
     name = next(iter(before.graph)).name
     assert near_misses(before, InsertQdqOptions(half=(name,))) == {name: "computes in fp16 already"}
     check_pass(InsertQdqPass(half=(name,)), before, None)
+
+
+# --- 7-bit weights (x86 without VNNI) ----------------------------------------------------------------------
+
+def _host_has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True  # unknown: claim nothing about saturation
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def test_int7_weights_use_63_levels_and_tables_keep_127():
+    table = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    before = consts(model("g (int64[S] ids) => (float[S,3] y)", "h = Gather(t, ids)\n y = MatMul(h, w)",
+                          "float[6,4] t = {" + ",".join(["0"] * 24) + f"}}, float[4,3] w = {{{text(W)}}}"), t=table, w=W)
+    m = quantize(before, {"h": (-3.0, 3.0)}, weights="int7").model
+    codes = {n.op_type: const(n.inputs[0]) for n in m.graph if n.op_type == "Gather" and n.inputs[0].dtype == ir.DataType.INT8}
+    (dq_w,) = [n for n in ops(m, "DequantizeLinear") if n.inputs[0].is_initializer() and n.outputs[0].uses()[0].node.op_type == "MatMul"]
+    w_codes, w_scales = const(dq_w.inputs[0]), const(dq_w.inputs[1])
+    np.testing.assert_allclose(w_scales, np.abs(W).max(axis=0) / 63, rtol=1e-6)
+    assert np.abs(w_codes).max(axis=0).tolist() == [63, 63, 63]
+    assert np.abs(codes["Gather"]).max() == 127  # a Gather does no integer arithmetic: all of int8
+    assert InsertQdqPass(weights="int7").spec() == "insert-qdq{weights=int7}"
+
+
+def test_int7_weights_do_not_saturate_the_fused_u8s8_kernel():
+    # Every activation at the top of its uint8 range meets weights at the top of theirs: each pair of
+    # products sums to 255 * 127 * 2 = 64770 in int8, past int16, and 255 * 63 * 2 = 32130 in int7.
+    w = np.full((16, 4), 1.0, np.float32)
+    w[:, 1] = -1.0
+    before = consts(model("g (float[N,16] x) => (float[N,4] y)", "y = MatMul(x, w)",
+                          "float[16,4] w = {" + ",".join(["0"] * 64) + "}"), w=w)
+    x = np.ones((8, 16), np.float32)
+    expected = x @ w
+    errors = {}
+    for weights in ("int8", "int7"):
+        m = quantize(before, {"x": (0.0, 1.0)}, weights=weights).model
+        fused = run_model(m, {"x": x})["y"]  # onnxruntime fuses the QDQ MatMul into its u8s8 kernel
+        unfused = run_model(m, {"x": x}, optimize=False)["y"]
+        np.testing.assert_allclose(unfused, expected, rtol=1e-5)  # both grids hold these values exactly
+        errors[weights] = float(np.abs(fused - expected).max())
+    assert errors["int7"] < 1e-4
+    if not _host_has_vnni():
+        assert errors["int8"] > 0.1  # the saturation that int7 avoids, seen on this host
