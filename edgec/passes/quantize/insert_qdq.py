@@ -315,7 +315,7 @@ def _check_range(name: str, value) -> tuple[float, float]:
 # --- rewriting -----------------------------------------------------------------------------------------
 
 class _Builder:
-    """Adds the Q/DQ nodes of one pass run, sharing a pair per activation and a DQ per weight."""
+    """Adds the Q/DQ nodes of one pass run, sharing a pair per activation and scheme and a DQ per weight."""
 
     def __init__(self, model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tuple[float, float]],
                  wide_ranges: Mapping[str, tuple[float, float]] | None = None):
