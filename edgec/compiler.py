@@ -598,6 +598,9 @@ def _quantize(model, backend: Backend, target: Target, ctx: PassContext, feeds: 
                       "ladder": list(ladder), "ops": counts, "float_ops": counts["fp32"], "int8_ops": counts["int8"]}
     quantized = PassManager([InsertQdqPass(qdq)], ctx).run(model)
     result.records.extend(quantized.records)
+    after = backend.quantized_pipeline(target, options.precision)
+    if after:
+        result.records.extend(PassManager(after, ctx).run(model).records)
     return {
         "assignment": assignment,
         "layers": layers,

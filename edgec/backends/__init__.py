@@ -79,6 +79,11 @@ class Backend:
         items += self.fusions
         return ",".join([*items, "cleanup"]) if items else ""
 
+    def quantized_pipeline(self, target, precision: str) -> str:
+        """Passes run after quantization (int8, mixed) that put the QDQ model into the form this
+        backend's runtime runs best (may be empty: the standard QDQ form)."""
+        return ""
+
     def unsupported_ops(self, model: ir.Model) -> dict[str, str]:
         """Node name -> why `emit` cannot take that node of the lowered IR (empty when it takes all),
         asked by `edgec inspect --target` before anything is emitted."""

@@ -47,6 +47,13 @@ class OnnxRuntimeBackend(Backend):
             return ",".join([*items, "cleanup"])
         return super().lowering_pipeline(target, precision)
 
+    def quantized_pipeline(self, target, precision: str) -> str:
+        # onnxruntime's CPU kernels: the bias inside the integer MatMul, and the int8 embedding rows
+        # dequantized by Cast and Mul. QNN and the other accelerator EPs take the standard QDQ form.
+        if all(unit.kind == "cpu" for unit in target.units):
+            return "fuse-integer-matmul,expand-dequantize"
+        return ""
+
     def unavailable_reason(self) -> str | None:
         try:
             import onnxruntime  # noqa: F401
