@@ -94,6 +94,19 @@ def test_artifact_runs_in_the_relax_vm_and_keeps_its_signature(tmp_path):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_erf_and_softmax_are_vectorizable_tir_not_libm_calls(tmp_path):
+    # TVM's llvm codegen calls libm's erff/expf once per element for T.erf/T.exp; the fast forms are TIR.
+    model = onnx_graph("g (float[2,8,16] x) => (float[2,8,16] y, float[2,8,16] p, float[2,8,16] e)",
+                       "y = Gelu(x)\np = Softmax <axis = -1> (x)\ne = Erf(x)")
+    artifact = backend(tmp_path).emit(model, tmp_path / "out", target=TARGET, precision="fp32")
+    symbols = set(artifact.path.read_bytes().split(b"\x00"))
+    assert not {b"erff", b"expf"} & symbols
+    feeds = {"x": (RNG.standard_normal((2, 8, 16)) * 3).astype(np.float32)}
+    got, expected = run_tvm(artifact.path, feeds), run_model(model, feeds)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
 def test_run_chunks_batches_pads_and_crops(tmp_path):
     """A 1x8 artifact runs 5x3 feeds: five calls, padded to 8 tokens, outputs cropped back to 3."""
     model = onnx_graph("g (int64[1,8] ids, int64[1,8] attention_mask) => (float[1,8,4] y)",
