@@ -102,9 +102,8 @@ def _precision_table(quantization: dict) -> Table:
     else:
         digits = max(5, len(f"{a['budget']}".partition(".")[2]) + 1)  # enough to tell it from the budget
         met = f"mean cosine {a['value']:.{digits}f} (budget {a['budget']})"
-    ladder = a.get("ladder", ["int8", "fp32"])
-    counts = a.get("ops", {"int8": a["int8_ops"], "fp32": a["float_ops"]})
-    placed = ", ".join(f"{counts[rung]} {rung}" for rung in ladder)
+    ladder = a["ladder"]
+    placed = ", ".join(f"{a['ops'][rung]} {rung}" for rung in ladder)
     title = f"precision per op ({placed}); {met} on {a['samples']} samples of {a['data']}"
     table = Table(title=title, show_edge=False)
     table.add_column("op")
@@ -114,7 +113,7 @@ def _precision_table(quantization: dict) -> Table:
         table.add_column(f"1 - cosine alone, {rung}", justify="right")
     table.add_column("precision")
     for row in sorted(quantization["layers"], key=lambda r: -r["sensitivity"]):
-        alone = row.get("sensitivities") or {"int8": row["sensitivity"]}
+        alone = row["sensitivities"]
         cells = [f"{alone[rung]:.2e}" if rung in alone else "-" for rung in measured]
         table.add_row(row["node"], row["kind"], *cells, row["precision"])
     return table

@@ -18,25 +18,23 @@ from edgec.passes.core import Pass, PassContext, PassResult
 T = ir.DataType
 
 
-def _expandable(dq: ir.Node) -> np.ndarray | None:
-    """The scale, shaped to broadcast against x, when `dq` dequantizes a computed int8 tensor along
-    its last axis with no zero point."""
+def _expandable(dq: ir.Node) -> bool:
+    """Whether `dq` dequantizes a computed int8 tensor along its last axis (a constant scale vector,
+    which broadcasts there) with no zero point, or an all-zero one."""
     x = dq.inputs[0]
     if x is None or x.dtype != T.INT8 or constant_tensor(x) is not None or x.shape is None:
-        return None
+        return False
     scale = constant_array(dq.inputs[1]) if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
     if scale is None or scale.ndim != 1 or scale.size < 2:
-        return None
+        return False
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
     if zero is not None:
         codes = constant_array(zero)
         if codes is None or np.any(codes != 0):
-            return None
+            return False
     rank = len(x.shape)
     axis = dq.attributes.get_int("axis", 1)
-    if rank == 0 or axis % rank != rank - 1 or dq.attributes.get_int("block_size", 0):
-        return None
-    return scale
+    return rank > 0 and axis % rank == rank - 1 and not dq.attributes.get_int("block_size", 0)
 
 
 class ExpandDequantizePass(Pass):
@@ -54,9 +52,8 @@ class ExpandDequantizePass(Pass):
         for dq in list(graph):
             if dq.graph is not graph or not is_onnx_op(dq, "DequantizeLinear"):
                 continue
-            scale = _expandable(dq)
             out = dq.outputs[0]
-            if scale is None or out.dtype not in (T.FLOAT, T.FLOAT16) or not ctx.allow(self.name):
+            if not _expandable(dq) or out.dtype not in (T.FLOAT, T.FLOAT16) or not ctx.allow(self.name):
                 continue
             cast = ir.node("Cast", [dq.inputs[0]], {"to": out.dtype})
             graph.insert_before(dq, cast)
