@@ -130,9 +130,17 @@ def packed_bias(b: Builder, values: dict[str, ir.Value], parts: tuple[Projection
         [bias(values, p, dtype) if p.bias else np.zeros(p.width, dtype) for p in parts]))
 
 
-def project(b: Builder, x: ir.Value, p: Projection, values: dict[str, ir.Value]) -> ir.Value:
-    y = b.op("MatMul", x, weight_value(b, values, p))
-    bias_in = bias_value(b, values, p)
+def project(b: Builder, x: ir.Value, p: Projection, values: dict[str, ir.Value], scale: float = 1.0) -> ir.Value:
+    """x·W + bias; with `scale`, (x·W + bias)·scale by a scaled copy of W and bias (no Mul at run time)."""
+    if scale == 1.0:
+        y = b.op("MatMul", x, weight_value(b, values, p))
+        bias_in = bias_value(b, values, p)
+    else:
+        dtype = b.dtype.numpy()
+        y = b.op("MatMul", x, b.derived(("scaled-weight", p.weight, p.columns, p.weight_transposed, str(dtype), scale),
+                                        lambda: weight(values, p, dtype) * dtype.type(scale)))
+        bias_in = None if not p.bias else b.derived(("scaled-bias", p.bias, p.columns, str(dtype), scale),
+                                                    lambda: bias(values, p, dtype) * dtype.type(scale))
     return y if bias_in is None else b.op("Add", y, bias_in)
 
 
@@ -207,10 +215,13 @@ def mask_rank(model: ir.Model, block: AttentionBlock) -> int:
     return len(_values_by_name(model)[block.mask_value].shape)
 
 
-def heads_qkv(b: Builder, block: AttentionBlock, values: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Q, K, V as [B, heads, S, head_dim], rotated, with K/V heads repeated for grouped-query attention."""
+def heads_qkv(b: Builder, block: AttentionBlock, values: dict[str, ir.Value],
+              scaled: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Q, K, V as [B, heads, S, head_dim], rotated, with K/V heads repeated for grouped-query attention.
+    `scaled`: Q comes out multiplied by the block's scale, which its projection's weights and bias carry
+    (rotation is linear, so it commutes): the scores then need no Mul."""
     d = block.head_dim
-    q = split_heads(b, project(b, values[block.q.input], block.q, values), block.heads, d)
+    q = split_heads(b, project(b, values[block.q.input], block.q, values, block.scale if scaled else 1.0), block.heads, d)
     k = split_heads(b, project(b, values[block.k.input], block.k, values), block.kv_heads, d)
     v = split_heads(b, project(b, values[block.v.input], block.v, values), block.kv_heads, d)
     if block.rotary:
@@ -222,8 +233,10 @@ def heads_qkv(b: Builder, block: AttentionBlock, values: dict[str, ir.Value]) ->
 
 def exact_core(b: Builder, q: ir.Value, k: ir.Value, v: ir.Value, scale: float, mask: ir.Value | None,
                form: str = "decomposed") -> ir.Value:
-    """softmax(q·kᵀ·scale + mask)·v with the scale on q (head_dim wide, cheaper than the scores)."""
-    q = b.op("Mul", q, b.scalar(scale))
+    """softmax(q·kᵀ·scale + mask)·v with the scale on q (head_dim wide, cheaper than the scores); none
+    for scale 1 (a q that `heads_qkv(scaled=True)` made)."""
+    if scale != 1.0:
+        q = b.op("Mul", q, b.scalar(scale))
     scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
     if mask is not None:
         scores = b.op("Add", scores, mask)

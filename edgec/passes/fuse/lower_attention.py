@@ -6,12 +6,13 @@ Forms (a backend names its form in its lowering pipeline):
                query heads and no rotary embedding. Other blocks (grouped-query, rotary, cross
                attention) get com.microsoft.MultiHeadAttention on their rotated, repeated heads.
   decomposed   MatMul, Softmax, MatMul on [B, heads, S, head_dim], with the exporter's noise gone
-               (IsNaN/Where guards, split scales, casts): TFLite's BATCH_MATMUL + SOFTMAX, and the
-               pattern TensorRT's builder fuses into one kernel.
+               (IsNaN/Where guards, split scales, casts) and the 1/sqrt(d) scale in Q's weights and
+               bias: TFLite's BATCH_MATMUL + SOFTMAX, and the pattern TensorRT's builder fuses into one
+               kernel.
   sdpa         one call of the model-local function ai.edgec.ScaledDotProductAttention(q, k, v, bias)
-               on [B, heads, S, head_dim] (q already scaled): a backend with an attention op maps the
-               call one to one (Core ML's scaled_dot_product_attention, TVM Relax's nn.attention);
-               onnxruntime and every other ONNX consumer run the function's body.
+               on [B, heads, S, head_dim] (q already scaled, by Q's weights): a backend with an
+               attention op maps the call one to one (Core ML's scaled_dot_product_attention, TVM
+               Relax's nn.attention); onnxruntime and every other ONNX consumer run the function's body.
 The mask always arrives as an additive bias on the scores (a boolean mask is turned into one), which
 keeps padding, causal and mixed masks exact in every form.
 """
@@ -105,9 +106,9 @@ def _onnxruntime(b: Builder, block: AttentionBlock, values: dict[str, ir.Value],
 
 
 def _decomposed(b: Builder, block: AttentionBlock, values: dict[str, ir.Value], masks: dict) -> ir.Value:
-    q, k, v = heads_qkv(b, block, values)
+    q, k, v = heads_qkv(b, block, values, scaled=True)
     mask = additive_mask(b, block, values)
-    attended = exact_core(b, q, k, v, block.scale, mask, form="decomposed")
+    attended = exact_core(b, q, k, v, 1.0, mask, form="decomposed")
     return project(b, merge_heads(b, attended, block.heads * block.head_dim), block.o, values)
 
 
@@ -130,8 +131,7 @@ def add_sdpa_function(model: ir.Model) -> None:
 
 def _sdpa(b: Builder, block: AttentionBlock, values: dict[str, ir.Value], masks: dict) -> ir.Value:
     add_sdpa_function(b.model)
-    q, k, v = heads_qkv(b, block, values)
-    q = b.op("Mul", q, b.scalar(block.scale))
+    q, k, v = heads_qkv(b, block, values, scaled=True)
     mask = additive_mask(b, block, values)
     attended = b.op(SDPA, q, k, v, mask if mask is not None else b.scalar(0.0), domain=EDGEC_DOMAIN,
                     meta={FORM_KEY: "sdpa"})

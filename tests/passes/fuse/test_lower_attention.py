@@ -40,9 +40,8 @@ def test_decomposed_form_is_canonical():
     before = exported_block()
     nodes = head_projections()
     nodes += [
-        helper.make_node("Mul", ["q3", "scale"], ["qs"]),
         helper.make_node("Transpose", ["k3"], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["qs", "kt"], ["s0"]),
+        helper.make_node("MatMul", ["q3", "kt"], ["s0"]),
         helper.make_node("Add", ["s0", "mask"], ["s1"]),
         helper.make_node("Softmax", ["s1"], ["p"], axis=-1),
         helper.make_node("MatMul", ["p", "v3"], ["a0"]),
@@ -51,7 +50,9 @@ def test_decomposed_form_is_canonical():
         helper.make_node("MatMul", ["a2", "wo"], ["o0"]),
         helper.make_node("Add", ["o0", "bo"], ["y"]),
     ]
-    inits = dict(W, **B, split=SPLIT, merge=MERGE, scale=np.array(0.5, np.float32))
+    # The 1/sqrt(d) scale (0.5) is in Q's weights and bias: the scores need no Mul.
+    inits = dict(W, **B, split=SPLIT, merge=MERGE)
+    inits["wq"], inits["bq"] = W["wq"] * np.float32(0.5), B["bq"] * np.float32(0.5)
     graph = helper.make_graph(nodes, "g", [X, MASK], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [_init(k, v) for k, v in inits.items()])
     expected = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
