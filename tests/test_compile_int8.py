@@ -41,10 +41,13 @@ def test_int8_compile_writes_a_qdq_model_that_onnxruntime_runs(zoo_model, tmp_pa
     assert stats["attention_matmuls"] == 4 and stats["embeddings_quantized"] == 3
     # Then the form onnxruntime's CPU kernels run best: integer MatMuls reading the int8 weights (2 layers
     # x Q, K, V, O, FFN up, FFN down; this random model's biases are zero, cleanup removed them), the
-    # embedding rows dequantized by Cast and Mul.
+    # embedding rows dequantized by Cast and Mul, the residual Adds before the 5 LayerNorms (embeddings,
+    # 2 per layer) written as Sum so that onnxruntime keeps them out of its slow SkipLayerNormalization.
     after = {r["pass"]: r["stats"] for r in result.report["passes"]}
     assert after["fuse-integer-matmul"] == {"matmuls_fused": 12, "biases_fused": 0}
     assert after["expand-dequantize"] == {"dequantizes_expanded": 3}
+    assert after["residual-sum"] == {"residual_adds_summed": 5}
+    assert "approximate-gelu" in after  # whether a GELU qualifies depends on its calibrated step
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph) == 12
     assert result.report["sizes"]["artifact_bytes"] < result.report["sizes"]["original_bytes"]
     # Smoothing was measured for every LayerNorm/GELU/attention output read by MatMuls; the ones it

@@ -10,6 +10,7 @@ from edgec.passes.fuse.fuse_layer_norm import FuseLayerNormPass
 from edgec.passes.fuse.fuse_skip_norm import FuseSkipNormPass
 from edgec.passes.fuse.lower_attention import LowerAttentionPass
 from edgec.passes.fuse.pack_qkv import PackQkvPass
+from edgec.passes.fuse.residual_sum import ResidualSumPass
 
 PASSES = [FuseLayerNormPass, FuseGeluPass, LowerAttentionPass, PackQkvPass, FuseSkipNormPass, FuseBiasGeluPass,
-          FuseIntegerMatmulPass, ExpandDequantizePass]
+          FuseIntegerMatmulPass, ExpandDequantizePass, ResidualSumPass]
