@@ -8,7 +8,7 @@ import pytest
 
 from edgec import ir as eir
 from edgec.passes.fuse.residual_sum import ResidualSumPass
-from edgec.testing import check_pass, graph, output_names
+from edgec.testing import check_pass, graph, output_names, run_pass
 
 SIGNATURE = "g (float[N,S,4] x, float[N,S,4] r) => (float[N,S,4] y)"
 INITS = "float[4] g = {1, 0.5, 2, 1}, float[4] b = {0, 0.1, -0.2, 0.3}"
@@ -61,3 +61,10 @@ def test_sum_that_is_a_graph_output_keeps_its_name():
 ])
 def test_left_alone(body):
     check_pass(ResidualSumPass(), graph(SIGNATURE, body, INITS), None, feeds=feeds())
+
+
+def test_bfloat16_add_is_left_alone():
+    # onnxruntime's CPU Sum has no bfloat16 kernel; the Add stays as the exporter wrote it.
+    signature = "g (bfloat16[N,S,4] x, bfloat16[N,S,4] r) => (bfloat16[N,S,4] y)"
+    inits = "bfloat16[4] g = {1, 1, 1, 1}, bfloat16[4] b = {0, 0, 0, 0}"
+    assert not run_pass(ResidualSumPass(), graph(signature, "s = Add(x, r)\n" + NORM, inits)).modified
