@@ -96,23 +96,29 @@ def bias(values: dict[str, ir.Value], p: Projection, dtype=None) -> np.ndarray |
 
 # --- the pieces ------------------------------------------------------------------------------------------
 
-def weight_value(b: Builder, values: dict[str, ir.Value], p: Projection) -> ir.Value:
-    """The projection's weight as an [in, out] value: the original initializer when it already is one."""
+def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
+    return array if scale == 1.0 else array * array.dtype.type(scale)
+
+
+def weight_value(b: Builder, values: dict[str, ir.Value], p: Projection, scale: float = 1.0) -> ir.Value:
+    """The projection's weight (times `scale`) as an [in, out] value: the original initializer when it
+    already is one."""
     original = values[p.weight]
-    if not p.weight_transposed and p.columns is None and original.dtype == b.dtype:
+    if scale == 1.0 and not p.weight_transposed and p.columns is None and original.dtype == b.dtype:
         return original
     dtype = b.dtype.numpy()
-    return b.derived(("weight", p.weight, p.columns, p.weight_transposed, str(dtype)), lambda: weight(values, p, dtype))
+    return b.derived(("weight", p.weight, p.columns, p.weight_transposed, str(dtype), scale),
+                     lambda: _scaled(weight(values, p, dtype), scale))
 
 
-def bias_value(b: Builder, values: dict[str, ir.Value], p: Projection) -> ir.Value | None:
+def bias_value(b: Builder, values: dict[str, ir.Value], p: Projection, scale: float = 1.0) -> ir.Value | None:
     if not p.bias:
         return None
     original = values[p.bias]
-    if (p.columns is None or original.shape[-1] == p.width) and original.dtype == b.dtype:
+    if scale == 1.0 and (p.columns is None or original.shape[-1] == p.width) and original.dtype == b.dtype:
         return original
     dtype = b.dtype.numpy()
-    return b.derived(("bias", p.bias, p.columns, str(dtype)), lambda: bias(values, p, dtype))
+    return b.derived(("bias", p.bias, p.columns, str(dtype), scale), lambda: _scaled(bias(values, p, dtype), scale))
 
 
 def packed_weight(b: Builder, values: dict[str, ir.Value], parts: tuple[Projection, ...]) -> ir.Value:
@@ -132,15 +138,8 @@ def packed_bias(b: Builder, values: dict[str, ir.Value], parts: tuple[Projection
 
 def project(b: Builder, x: ir.Value, p: Projection, values: dict[str, ir.Value], scale: float = 1.0) -> ir.Value:
     """x·W + bias; with `scale`, (x·W + bias)·scale by a scaled copy of W and bias (no Mul at run time)."""
-    if scale == 1.0:
-        y = b.op("MatMul", x, weight_value(b, values, p))
-        bias_in = bias_value(b, values, p)
-    else:
-        dtype = b.dtype.numpy()
-        y = b.op("MatMul", x, b.derived(("scaled-weight", p.weight, p.columns, p.weight_transposed, str(dtype), scale),
-                                        lambda: weight(values, p, dtype) * dtype.type(scale)))
-        bias_in = None if not p.bias else b.derived(("scaled-bias", p.bias, p.columns, str(dtype), scale),
-                                                    lambda: bias(values, p, dtype) * dtype.type(scale))
+    y = b.op("MatMul", x, weight_value(b, values, p, scale))
+    bias_in = bias_value(b, values, p, scale)
     return y if bias_in is None else b.op("Add", y, bias_in)
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgec.passes.cleanup._util import bypass, constant_tensor, is_onnx_op
+from edgec.passes.cleanup._util import constant_tensor, is_onnx_op
 from edgec.passes.core import Pass, PassContext, PassResult
+from edgec.passes.fuse.fuse_layer_norm import take_over
 
 T = ir.DataType
 SUM_TYPES = (T.FLOAT, T.DOUBLE, T.FLOAT16)  # onnxruntime's CPU Sum
@@ -49,10 +50,8 @@ class ResidualSumPass(Pass):
             add = _residual_add(norm)
             if add is None or not ctx.allow(self.name):
                 continue
-            out = add.outputs[0]
             total = ir.node("Sum", list(add.inputs))
             graph.insert_before(add, total)
-            total.outputs[0].type, total.outputs[0].shape = out.type, out.shape
-            bypass(add, total.outputs[0], out)
+            take_over(add.outputs[0], total.outputs[0])
             rewritten += 1
         return PassResult(model, rewritten > 0, {"residual_adds_summed": rewritten})

@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.cleanup._util import bypass, constant_array, is_onnx_op
+from edgec.passes.cleanup._util import constant_array, is_onnx_op
 from edgec.passes.core import Pass, PassContext, PassResult
+from edgec.passes.fuse.fuse_layer_norm import take_over
 
 MS_DOMAIN = "com.microsoft"
 TANH_GELU_ERROR = 4.74e-4  # max over x of |gelu_tanh(x) - gelu_erf(x)| (4.7324e-4), rounded up
@@ -41,25 +42,25 @@ def _smallest_step(node: ir.Node) -> float | None:
 def worst_error_share(value: ir.Value) -> float | None:
     """The most the tanh form moves any quantized reading of `value`, as a share of that reading's
     step; None when something reads `value` (or a scaled copy of it) in float."""
-    worst = 0.0
     if not value.uses() or value.is_graph_output():
         return None
+    readers = []  # (node, input index, how much the error is amplified on the way)
     for user, index in value.uses():
-        step = _smallest_step(user) if index == 0 else None
-        if step is not None:
-            worst = max(worst, TANH_GELU_ERROR / step)
+        if _smallest_step(user) is not None or not is_onnx_op(user, "Mul"):
+            readers.append((user, index, 1.0))
             continue
-        if not is_onnx_op(user, "Mul") or user.outputs[0].is_graph_output():
-            return None
         factor = constant_array(user.inputs[1 - index])
-        if factor is None or not np.all(np.isfinite(factor)) or not user.outputs[0].uses():
+        scaled = user.outputs[0]
+        if factor is None or not np.all(np.isfinite(factor)) or not scaled.uses() or scaled.is_graph_output():
             return None
         largest = float(np.max(np.abs(factor))) if factor.size else 0.0
-        for reader, position in user.outputs[0].uses():
-            step = _smallest_step(reader) if position == 0 else None
-            if step is None:
-                return None
-            worst = max(worst, TANH_GELU_ERROR * largest / step)
+        readers += [(reader, position, largest) for reader, position in scaled.uses()]
+    worst = 0.0
+    for reader, position, gain in readers:
+        step = _smallest_step(reader) if position == 0 else None
+        if step is None:
+            return None
+        worst = max(worst, TANH_GELU_ERROR * gain / step)
     return worst
 
 
@@ -89,9 +90,7 @@ class ApproximateGeluPass(Pass):
             else:
                 tanh = ir.node("Gelu", [node.inputs[0]], {"approximate": "tanh"})
             graph.insert_before(node, tanh)
-            out = node.outputs[0]
-            tanh.outputs[0].type, tanh.outputs[0].shape = out.type, out.shape
-            bypass(node, tanh.outputs[0], out)
+            take_over(node.outputs[0], tanh.outputs[0])
             stats["gelus_approximated"] += 1
             stats["max_step_share"] = max(stats["max_step_share"], round(share, 4))
         return PassResult(model, stats["gelus_approximated"] > 0, stats)
