@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 from edgec.errors import UserError
 
@@ -22,7 +23,30 @@ def host_target() -> dict:
     """
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": host_cores()}
+
+
+def host_cores() -> int:
+    """Physical cores this process may run on: one thread per core, what onnxruntime runs by default."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or 1
+
+
+def use_host_cores() -> None:
+    """Gives TVM's thread pool one thread per physical core, unless TVM_NUM_THREADS says otherwise.
+
+    TVM's own default on x86 is half the logical CPUs, on the assumption that every core runs two
+    hardware threads; on a host without SMT (most virtual machines) that is half the cores, and every
+    kernel, tuning measurements included, ran on one of this 2-core host's cores. The pool reads the
+    variable when the process first runs a parallel kernel, so this is called before that."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
 
 
 def runs_here(target) -> bool:

@@ -89,6 +89,8 @@ def tune(mod, target, database_dir: Path, budget: int, progress: Callable[[str],
     from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
 
+    from edgec.backends.tvm import gemm
+
     started = time.perf_counter()
     target = tvm.target.Target(target)
     database_dir.mkdir(parents=True, exist_ok=True)
@@ -104,10 +106,12 @@ def tune(mod, target, database_dir: Path, budget: int, progress: Callable[[str],
             measured = _search(searched, target, database, to_run, progress)
         with target, database:
             tuned = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            # Kernels without a record (below MIN_FLOP_SHARE, or not reached by the budget): dlight's
-            # CPU reduction rule gives LayerNorm and softmax a parallel, vectorized schedule instead of
-            # a single-threaded loop nest, for no trials. (Its GEMV rule asserts on MobileViT.)
-            tuned = dl.ApplyDefaultSchedule(dl.cpu.Reduction())(tuned)
+            # Kernels without a record (below MIN_FLOP_SHARE, not reached by the budget, a target
+            # that cannot be measured here): MatMuls get the default point of edgec's micro-kernel
+            # space, and dlight's CPU reduction rule gives LayerNorm and softmax a parallel, vectorized
+            # schedule instead of a single-threaded loop nest, for no trials. (Its GEMV rule asserts
+            # on MobileViT.)
+            tuned = dl.ApplyDefaultSchedule(gemm.DefaultMatMul(), dl.cpu.Reduction())(tuned)
         applied = sum(1 for task in tasks if database.query_tuning_record(task.dispatched[0], target, "main"))
     summary = TuningSummary(str(database_dir), len(tasks), budget, measured, reused, applied,
                             round(time.perf_counter() - started, 2))
@@ -147,14 +151,36 @@ def _search(tasks, target, database, trials: int, progress: Callable[[str], None
     # and its console output (task tables at INFO) gives way to the compile's progress line.
     report = Report()
     with tempfile.TemporaryDirectory(prefix="edgec-tune-") as logs, _console_level(logging.ERROR):
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir=logs)
+        contexts = _contexts(tasks, target, logs)
         ms.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=logs, max_trials_global=trials,
+            tasks=contexts, task_weights=[task.weight for task in tasks], work_dir=logs, max_trials_global=trials,
             num_trials_per_iter=max(1, min(TRIALS_PER_ROUND, trials // len(tasks))), database=database,
             builder=in_process_builder(), runner=in_process_runner(),
             measure_callbacks=[*ms.MeasureCallback.create("default"), report],
         )
     return report.done
+
+
+def _contexts(tasks, target, logs: str) -> list:
+    """One tune context per kernel: MatMul kernels search the micro-kernel space of
+    edgec.backends.tvm.gemm (its decisions are categorical: the evolutionary search's initial
+    population samples them and its cost model ranks them), the others MetaSchedule's generic space."""
+    from tvm.s_tir.meta_schedule import TuneContext
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.space_generator import ScheduleFn
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    from edgec.backends.tvm import gemm
+
+    loggers = get_loggers_from_work_dir(logs, [task.task_name for task in tasks])
+    contexts = []
+    for task, logger, seed in zip(tasks, loggers, fork_seed(None, n=len(tasks))):
+        kernel = task.dispatched[0]
+        space = (ScheduleFn(gemm.design_spaces, sch_rules=[], mutator_probs={}) if gemm.applies(kernel)
+                 else "post-order-apply")
+        contexts.append(TuneContext(mod=kernel, target=target, space_generator=space, search_strategy="evolutionary",
+                                    task_name=task.task_name, logger=logger, rand_state=seed).clone())
+    return contexts
 
 
 def _record_count(database, kernel) -> int:
