@@ -52,7 +52,7 @@ class TVMBackend(Backend):
     def configure(self, options, progress: Callable[[str], None]) -> None:
         """tune_trials: the trial budget of the model's kernels, records already in the database
         counted (0: no new trials; whatever the database holds is still applied). tuning_db: the
-        database folder (default: tvm-tuning under the edgec cache)."""
+        database folder (default: DATABASE_FOLDER under the edgec cache)."""
         trials = options.tune_trials
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
             raise UserError(f"--tune-trials {trials!r} is not a trial count", "give a whole number, 0 or more")
@@ -131,7 +131,7 @@ class TVMBackend(Backend):
 
 
 def default_database(cache_dir: Path | None = None) -> Path:
-    """The tuning database shared by compiles: tvm-tuning under the edgec cache."""
+    """The tuning database shared by compiles: DATABASE_FOLDER under the edgec cache."""
     from edgec.compiler import default_cache_dir
 
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DATABASE_FOLDER
@@ -216,7 +216,7 @@ def _latencies(artifact, untuned, inputs: list[TensorSpec], progress: Callable[[
     medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     result: dict = {name: float(f"{ms:.4g}") for name, ms in medians.items()}  # a small kernel takes microseconds
     result["rounds"] = len(times["artifact"])
-    result["threads"] = int(os.environ.get("TVM_NUM_THREADS", 0)) or None
+    result["threads"] = int(tvm.get_global_func("runtime.NumThreads")())
     if "untuned" in medians:
         result["speedup"] = float(f"{medians['untuned'] / medians['artifact']:.3g}")
     return result

@@ -11,12 +11,14 @@ and this space's best 1.0-1.3 ms. It fixes that structure and leaves the numbers
   registers and NEON's 32; more spill, which the measurements show);
 - `registers`: each (batch, column block, row block) is one parallel task that keeps its C block in
   registers over all of K; `strip`: each (batch, column block) is a task that walks K in `kc` steps
-  outside the row blocks, so its K x nr panel of B stays in L1 while every row block uses it (what
-  pays when K is long, the FFN down-projection).
+  outside the row blocks, so a kc x nr panel of B is reused by every row block while it is in cache,
+  and the task's M x nr column of C is kept in a local buffer between steps (what paid for the FFN
+  down-projection, K = 1536).
 
 The kernel's elementwise epilogue (bias, GELU, residual Add) is computed when the C block is written.
-Kernels of another form (no MatMul, a producer fused before it, a column count that is not a multiple
-of the vector width) keep MetaSchedule's generic space. Kernels that no tuning record covers (a
+Kernels of another form (no fp32 MatMul, a producer fused before it such as a transpose, B read as
+[n, k], a column count that is not a multiple of the vector width, symbolic extents) keep
+MetaSchedule's generic space. Kernels that no tuning record covers (a
 target edgec cannot measure on, a budget of 0) get the space's default point, `DEFAULT_ROWS` x
 `DEFAULT_VECTORS` in registers, instead of TVM's untuned loop nest.
 """
@@ -36,7 +38,8 @@ DEFAULT_ROWS, DEFAULT_VECTORS = 4, 3
 
 
 class NotAMatMul(Exception):
-    """The kernel is not a MatMul with an elementwise epilogue."""
+    """The kernel is not of the form this space schedules (an fp32 MatMul, B[..., k, n], whole vectors
+    of columns, static extents, an elementwise epilogue)."""
 
 
 def applies(mod: IRModule) -> bool:
@@ -59,18 +62,19 @@ def design_spaces(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 
 
 class DefaultMatMul(dlight.ScheduleRule):
-    """A dlight rule: the space's default point for a MatMul kernel, None for any other kernel."""
+    """A dlight rule: the space's default point for the kernels the space takes, None for others."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        try:
-            return _schedule(s_tir.Schedule(IRModule({"main": func})), False, _default)
-        except (NotAMatMul, s_tir.ScheduleError):
+        mod = IRModule({"main": func})
+        if not applies(mod):  # the kernels tuning would give this space, no others
             return None
+        return _schedule(s_tir.Schedule(mod), False, _default)
 
 
 def _default(name: str, candidates) -> int:
+    """The registers form's default point: the largest candidate up to the default."""
     wanted = {"rows": DEFAULT_ROWS, "vectors": DEFAULT_VECTORS}[name]
-    return max((c for c in candidates if c <= wanted), default=min(candidates))
+    return max(c for c in candidates if c <= wanted)  # rows and vectors both offer 1 or 2
 
 
 def _analyse(sch):
@@ -92,6 +96,10 @@ def _analyse(sch):
     reads = [r for r in block.reads if not r.source.same_as(block.writes[0].source)]
     if len(reads) != 2 or not _indexed_by(reads[0], (m, k)) or not _indexed_by(reads[1], (k, n)):
         raise NotAMatMul("operands are not A[..., m, k] and B[..., k, n]")
+    if block.writes[0].source.dtype != "float32":
+        raise NotAMatMul("not fp32: the vector width is counted in fp32 lanes")
+    if not all(isinstance(v.dom.extent, tirx.IntImm) for v in block.iter_vars):
+        raise NotAMatMul("symbolic extents")
     extents = [int(v.dom.extent) for v in block.iter_vars[-3:]]
     if extents[1] % VECTOR:
         raise NotAMatMul("columns are not a multiple of the vector width")
@@ -111,17 +119,17 @@ def _indexed_by(region, variables) -> bool:
 
 
 def _divisors(extent: int, candidates) -> list[int]:
-    return [c for c in candidates if extent % c == 0] or [1]
+    return [c for c in candidates if extent % c == 0]
 
 
 def _schedule(sch, strip: bool, choose):
     """The kernel in the `registers` or `strip` form; `choose(name, candidates)` picks each size."""
-    matmul, epilogue, (_, columns, depth) = _analyse(sch)
+    matmul, epilogue, (rows, columns, depth) = _analyse(sch)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     *batch, m, n, k = sch.get_loops(matmul)
 
-    mr = choose("rows", ROWS)
+    mr = choose("rows", [r for r in ROWS if r <= rows] or [rows])
     nv = choose("vectors", _divisors(columns // VECTOR, VECTORS))
     mo, mi = sch.split(m, [None, mr])
     no, nvl, lanes = sch.split(n, [None, nv, VECTOR])
@@ -137,7 +145,8 @@ def _schedule(sch, strip: bool, choose):
         task = sch.fuse(*batch, no, mo)
         reduction_outer = k
     sch.parallel(task)
-    # C's block lives in a local buffer (registers) and is written, epilogue applied, per task.
+    # C's part of the task lives in a local buffer (registers, in the registers form) and is written,
+    # epilogue applied, once the task's K loop is done.
     write = sch.cache_write(matmul, 0, "local")
     sch.reverse_compute_at(write, task)
     if epilogue:

@@ -40,13 +40,15 @@ def host_cores() -> int:
 
 
 def use_host_cores() -> None:
-    """Gives TVM's thread pool one thread per physical core, unless TVM_NUM_THREADS says otherwise.
+    """Gives TVM's thread pool in this process one thread per physical core, unless TVM_NUM_THREADS
+    or OMP_NUM_THREADS (which TVM reads next) says otherwise.
 
     TVM's own default on x86 is half the logical CPUs, on the assumption that every core runs two
     hardware threads; on a host without SMT (most virtual machines) that is half the cores, and every
     kernel, tuning measurements included, ran on one of this 2-core host's cores. The pool reads the
     variable when the process first runs a parallel kernel, so this is called before that."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
+    if not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        os.environ["TVM_NUM_THREADS"] = str(host_cores())
 
 
 def runs_here(target) -> bool:
