@@ -18,9 +18,9 @@ and this space's best 1.0-1.3 ms. It fixes that structure and leaves the numbers
 The kernel's elementwise epilogue (bias, GELU, residual Add) is computed when the C block is written.
 Kernels of another form (no fp32 MatMul, a producer fused before it such as a transpose, B read as
 [n, k], a column count that is not a multiple of the vector width, symbolic extents) keep
-MetaSchedule's generic space. Kernels that no tuning record covers (a
-target edgec cannot measure on, a budget of 0) get the space's default point, `DEFAULT_ROWS` x
-`DEFAULT_VECTORS` in registers, instead of TVM's untuned loop nest.
+MetaSchedule's generic space. Kernels that no tuning record covers (a target edgec cannot measure
+on, a budget of 0) get the space's default point, `DEFAULT_ROWS` x `DEFAULT_VECTORS` in registers,
+instead of TVM's untuned loop nest.
 """
 
 from __future__ import annotations
@@ -118,10 +118,6 @@ def _indexed_by(region, variables) -> bool:
                for r, v in zip(last, variables))
 
 
-def _divisors(extent: int, candidates) -> list[int]:
-    return [c for c in candidates if extent % c == 0]
-
-
 def _schedule(sch, strip: bool, choose):
     """The kernel in the `registers` or `strip` form; `choose(name, candidates)` picks each size."""
     matmul, epilogue, (rows, columns, depth) = _analyse(sch)
@@ -130,7 +126,7 @@ def _schedule(sch, strip: bool, choose):
     *batch, m, n, k = sch.get_loops(matmul)
 
     mr = choose("rows", [r for r in ROWS if r <= rows] or [rows])
-    nv = choose("vectors", _divisors(columns // VECTOR, VECTORS))
+    nv = choose("vectors", [v for v in VECTORS if (columns // VECTOR) % v == 0])
     mo, mi = sch.split(m, [None, mr])
     no, nvl, lanes = sch.split(n, [None, nv, VECTOR])
     if strip:

@@ -145,3 +145,13 @@ def remove_dead(values: Iterable[ir.Value | None], only: Callable[[ir.Node], boo
         nodes += 1
         stack.extend(v for v in inputs if v is not None)
     return nodes, inits
+
+
+def take_over(out: ir.Value, new: ir.Value) -> None:
+    """Moves the readers of `out` to `new` (a graph output keeps its name) and removes the nodes that
+    computed `out` and nothing still read: the subgraph a fused op replaces."""
+    new.type, new.shape = out.type, out.shape
+    last = out.producer()
+    dead = list(last.inputs)
+    bypass(last, new, out)
+    remove_dead(dead)

@@ -11,9 +11,9 @@ import onnx_ir as ir
 
 from edgec.analysis.attention import _values_by_name, extract_subgraph, run_subgraph
 from edgec.analysis.structure import Activation
-from edgec.passes.cleanup._util import ensure_shapes
+from edgec.passes.cleanup._util import ensure_shapes, take_over
 from edgec.passes.core import Pass, PassContext, PassResult
-from edgec.passes.fuse.fuse_layer_norm import PROOF_TOLERANCE, alive, exposed, take_over
+from edgec.passes.fuse.fuse_layer_norm import PROOF_TOLERANCE, alive, exposed
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from edgec.analysis.attention import _values_by_name, nodes_between
 from edgec.analysis.structure import Norm, check_norm
-from edgec.passes.cleanup._util import add_initializer, bypass, constant_array, remove_dead
+from edgec.passes.cleanup._util import add_initializer, constant_array, take_over
 from edgec.passes.core import Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -80,16 +80,6 @@ def affine_vector(value: ir.Value | None, width: int | ir.SymbolicDim | None, dt
 def vector(graph: ir.Graph, planned: ir.Value | np.ndarray) -> ir.Value:
     """The value `affine_vector` planned, adding its initializer when it is a new one."""
     return add_initializer(graph, planned) if isinstance(planned, np.ndarray) else planned
-
-
-def take_over(out: ir.Value, new: ir.Value) -> None:
-    """Moves the readers of `out` to `new` (a graph output keeps its name) and removes the nodes that
-    computed `out` and nothing still read: the subgraph a fused op replaces."""
-    new.type, new.shape = out.type, out.shape
-    last = out.producer()
-    dead = list(last.inputs)
-    bypass(last, new, out)
-    remove_dead(dead)
 
 
 Planned = ir.Value | np.ndarray  # an existing value, or the array of an initializer still to add

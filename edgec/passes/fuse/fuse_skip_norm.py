@@ -12,9 +12,9 @@ import onnx_ir as ir
 
 from edgec.analysis.attention import _values_by_name
 from edgec.analysis.structure import Norm
-from edgec.passes.cleanup._util import constant_tensor, is_onnx_op, remove_dead, same_shape
+from edgec.passes.cleanup._util import constant_tensor, is_onnx_op, remove_dead, same_shape, take_over
 from edgec.passes.core import Pass, PassContext, PassResult
-from edgec.passes.fuse.fuse_layer_norm import affine_vector, alive, exposed, proven, take_over, vector
+from edgec.passes.fuse.fuse_layer_norm import affine_vector, alive, exposed, proven, vector
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgec.passes.cleanup._util import constant_tensor, is_onnx_op
+from edgec.passes.cleanup._util import constant_tensor, is_onnx_op, take_over
 from edgec.passes.core import Pass, PassContext, PassResult
-from edgec.passes.fuse.fuse_layer_norm import take_over
 
 T = ir.DataType
 SUM_TYPES = (T.FLOAT, T.DOUBLE, T.FLOAT16)  # onnxruntime's CPU Sum

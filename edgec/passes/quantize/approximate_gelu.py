@@ -20,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.cleanup._util import constant_array, is_onnx_op
+from edgec.passes.cleanup._util import constant_array, is_onnx_op, take_over
 from edgec.passes.core import Pass, PassContext, PassResult
-from edgec.passes.fuse.fuse_layer_norm import take_over
 
 MS_DOMAIN = "com.microsoft"
 TANH_GELU_ERROR = 4.74e-4  # max over x of |gelu_tanh(x) - gelu_erf(x)| (4.7324e-4), rounded up
