@@ -98,7 +98,7 @@ def load_data(folder: Path, args, workdir: Path) -> dict:
     sentences = load_npz(folder / "sentences.npz")
     if args.calib_samples > len(sentences["input_ids"]):
         raise UserError(f"--calib-samples {args.calib_samples} is more than the {len(sentences['input_ids'])} sentences "
-                        "in sentences.npz", "ask for fewer, or run tools/prepare_data.py --sentence-samples N")
+                        "in sentences.npz", "ask for fewer, or run tools/prepare_data.py (it writes all 2617 by default)")
     data["calib"] = trimmed(tokens(sentences, slice(0, args.calib_samples)))
     workdir.mkdir(parents=True, exist_ok=True)
     data["calib_path"] = workdir / f"sentences-{args.calib_samples}.npz"
@@ -368,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=parse_grid, default=parse_grid("0,0.25,0.5"),
                         help="shares of all heads and of all FFN neurons to remove, every pair of them (default 0,0.25,0.5; "
                              "0 is always included)")
-    parser.add_argument("--calib-samples", type=int, default=512,
-                        help="sentences.npz sentences pruning measures and refits on, and int8 calibrates on (default 512, all of them; "
-                             "with far fewer the least-squares refits fit the calibration sentences, not the task)")
+    parser.add_argument("--calib-samples", type=int, default=1024,
+                        help="sentences.npz sentences pruning measures and refits on, and int8 calibrates on (default 1024 of "
+                             "the 2617; with fewer the least-squares refits fit the calibration sentences more than the task: "
+                             "a quarter of the FFN neurons refit on 512 and on 2617 sentences kept 0.964 and 0.970 cosine)")
     parser.add_argument("--int8-all", action="store_true",
                         help="compile every pruned model as int8 too (default: the reconstructed ones and the unpruned)")
     parser.add_argument("--data", type=Path, default=ROOT / "out/data",

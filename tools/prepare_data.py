@@ -1,8 +1,8 @@
 """Tokenize gensim's bundled test corpora with the MiniLM tokenizer (offline) into npz inputs for edgec.
 
 Writes, under --out: polarity.npz (200 labelled movie-review sentences, `labels` 0=neg 1=pos),
-calib.npz (the first --calib-samples Lee background documents), sentences.npz (the first
---sentence-samples sentences of those documents, of at least 4 words) and wordsim.npz (the WordSim-353
+calib.npz (the first --calib-samples Lee background documents), sentences.npz (the sentences of all
+those documents of at least 4 words, 2617; the first --sentence-samples of them when given) and wordsim.npz (the WordSim-353
 words, with `pairs` of word indices, gold `scores` and the `words`). Token arrays are int64,
 batch first, keyed by the graph input names; other keys are extras that edgec ignores.
 """
@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/data"), help="output folder (default: out/data)")
     parser.add_argument("--seq-len", type=int, default=128, help="longest token sequence; longer texts are truncated")
     parser.add_argument("--calib-samples", type=int, default=128, help="Lee background documents in calib.npz")
-    parser.add_argument("--sentence-samples", type=int, default=512, help="Lee background sentences in sentences.npz")
+    parser.add_argument("--sentence-samples", type=int, default=None,
+                        help="Lee background sentences in sentences.npz (default: all of them, 2617)")
     args = parser.parse_args(argv)
     try:
-        if args.seq_len < 2 or args.calib_samples < 1 or args.sentence_samples < 1:
+        if args.seq_len < 2 or args.calib_samples < 1 or args.sentence_samples is not None and args.sentence_samples < 1:
             raise UserError("--seq-len must be at least 2, --calib-samples and --sentence-samples at least 1",
                             "pass larger values")
         folder = gensim_data_dir()

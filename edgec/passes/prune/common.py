@@ -11,7 +11,13 @@ ones, G = [X, 1]ᵀ[X, 1], over the real tokens of the calibration data (padding
   input's covariance (its second moment when there is no reconstruction: then the mean is lost too),
   over the energy of the residual stream the block's output is added to. A post-LayerNorm block's
   next norm divides by the residual's size, so this is the relative change the norm sees; it makes
-  units of different layers comparable, and the ranking is global.
+  units of different layers comparable, and the ranking can be global.
+- Allocation over layers: `global` takes the cheapest units of the whole model; `even` the same share
+  of every layer, each layer's cheapest. On all-MiniLM-L6-v2 (512 calibration sentences, sentence
+  embedding cosine on other text), the refit FFN neurons did better even (0.9057 against 0.8921 at
+  half the neurons, 0.9636 against 0.9594 at a quarter): the global ranking took 80% of the first
+  layer's neurons, whose local cost is small but whose error every later layer carries. Without the
+  refit, and for heads (0.9034 global, 0.8801 even at half), global did better.
 - Reconstruction: with the kept columns k, the projection is refit by ridge least squares so that
   the pruned layer reproduces the original layer's output, [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b]. It runs
   layer by layer in order: X' is what the model pruned so far computes, X what the original computed,
@@ -40,6 +46,8 @@ REFERENCE_KEY = "prune_reference"
 # when kept columns are nearly collinear (GELU neurons that are almost never active).
 RIDGE = 1e-4
 BATCH = 8
+# Tokens (samples x longest) a batch cut to its longest sample holds at most, unless BATCH samples need more.
+BATCH_TOKENS = 2048
 
 Progress = Callable[[str], None]
 
@@ -120,7 +128,12 @@ def augmented_gram(x: np.ndarray) -> np.ndarray:
 
 
 class _Batches:
-    """The calibration data in batches, each with its token mask."""
+    """The calibration data in batches, each with its token mask.
+
+    Only sums over real tokens are taken from a batch, so the samples may come in any order: where
+    the padding is at the end of every row and the model takes any sequence length, they come
+    shortest first and each batch is cut to its longest row. Padding is then computed for a few
+    tokens instead of up to the longest sample's length in every batch."""
 
     def __init__(self, feeds: Mapping[str, np.ndarray]):
         from edgec.verify import token_mask
@@ -128,6 +141,14 @@ class _Batches:
         self.feeds = feeds
         self.samples = min(len(v) for v in feeds.values())
         self.mask = token_mask(feeds)
+        self.order = np.arange(self.samples)
+        self.lengths = None
+        if self.mask is not None:
+            lengths = self.mask[:self.samples].sum(axis=1)
+            padded_at_end = np.arange(self.mask.shape[1])[None, :] < lengths[:, None]
+            if np.array_equal(padded_at_end, self.mask[:self.samples]):
+                self.lengths = lengths
+                self.order = np.argsort(lengths, kind="stable")
 
     def spans(self, model: ir.Model) -> list[tuple[int, int]]:
         """(start, end) of each batch: the model's fixed batch size, or BATCH samples."""
@@ -139,11 +160,42 @@ class _Batches:
         except ValueError as exc:
             raise UserError(f"pruning cannot run the calibration data: {exc}",
                             "give --calib samples in a count the model's batch size divides") from None
-        return [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
+        self.trim = self.lengths is not None and self._dynamic_length(graph_inputs)
+        fixed = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in graph_inputs)
+        if not self.trim or fixed:
+            return [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
+        # Cut batches hold about BATCH_TOKENS tokens each (at least BATCH samples): fewer, fuller runs.
+        spans, start = [], 0
+        while start < self.samples:
+            end = start + 1
+            while end < self.samples and ((end - start) < BATCH or
+                                          (end + 1 - start) * int(self.lengths[self.order[end]]) <= BATCH_TOKENS):
+                end += 1
+            spans.append((start, end))
+            start = end
+        return spans
+
+    def _dynamic_length(self, graph_inputs) -> bool:
+        """Whether every input as long as the mask takes any length there (dim 1 not a fixed number)."""
+        width = self.mask.shape[1]
+        for value in graph_inputs:
+            array = self.feeds.get(value.name)
+            if array is None or np.ndim(array) < 2 or array.shape[1] != width:
+                continue
+            if value.shape is None or len(value.shape) < 2 or isinstance(value.shape[1], int):
+                return False
+        return True
 
     def chunk(self, start: int, end: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        mask = self.mask[start:end] if self.mask is not None else None
-        return {k: v[start:end] for k, v in self.feeds.items()}, mask
+        """The inputs and token mask of batch [start, end) (of the samples in this object's order)."""
+        picked = self.order[start:end]
+        mask = self.mask[picked] if self.mask is not None else None
+        if not getattr(self, "trim", False):
+            return {k: v[picked] for k, v in self.feeds.items()}, mask
+        width, length = self.mask.shape[1], max(int(self.lengths[picked].max()), 1)
+        cut = {k: (v[picked][:, :length] if np.ndim(v) >= 2 and v.shape[1] == width else v[picked])
+               for k, v in self.feeds.items()}
+        return cut, mask[:, :length]
 
 
 def session(model: ir.Model, fetch: list[str]):
@@ -336,6 +388,30 @@ def cheapest_globally(orders: list[list[int]], costs: list[list[float]], count: 
             break
         taken[best[1]] += 1
     return [sorted(orders[b][:taken[b]]) for b in range(len(orders))]
+
+
+ALLOCATIONS = ("global", "even")
+
+
+def check_allocation(allocation: str, pass_name: str, auto: bool = False) -> None:
+    allowed = (*ALLOCATIONS, "auto") if auto else ALLOCATIONS
+    if allocation not in allowed:
+        raise UserError(f"{pass_name} allocation={allocation!r} is not one of {', '.join(allowed)}",
+                        "use allocation=even (the same share of every layer) or allocation=global (ranked over all layers)")
+
+
+def evenly(orders: list[list[int]], sizes: list[int], count: int) -> list[list[int]]:
+    """`count` units shared among the blocks in proportion to their `sizes`, each block giving up
+    units in its own order: one at a time, to the block furthest below its share that has any left.
+    Returns the removed units per block."""
+    taken = [0] * len(orders)
+    for _ in range(count):
+        open_blocks = [b for b in range(len(orders)) if taken[b] < len(orders[b]) and sizes[b] > 0]
+        if not open_blocks:
+            break
+        b = min(open_blocks, key=lambda b: ((taken[b] + 1) / sizes[b], b))
+        taken[b] += 1
+    return [sorted(order[:t]) for order, t in zip(orders, taken)]
 
 
 # --- reconstruction -------------------------------------------------------------------------------------

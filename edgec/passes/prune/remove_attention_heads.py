@@ -2,7 +2,8 @@
 
 The heads to remove are the least important over all layers (edgec.passes.prune.common: the energy a
 head adds to the residual stream on calibration data, relative to the stream's own), `ratio` of the
-model's original head count; or exactly the ones listed in `heads`. Each recognised attention block
+model's original head count (`allocation=even`: the same share of every layer); or exactly the ones
+listed in `heads`. Each recognised attention block
 that loses heads is rebuilt from its record with the kept heads' Q/K/V columns and O rows: the head
 count is rewritten everywhere the export encoded it (reshape constants, scales, fused QKV weights),
 whatever shape the exporter gave the block, because the block is built anew. With grouped-query
@@ -40,6 +41,7 @@ class RemoveAttentionHeadsOptions:
     ratio: float = 0.25  # share of the model's original heads to remove, the least important first
     heads: tuple[str, ...] = ()  # exactly these instead, as LAYER.HEAD (0.1:0.3:2.5); layers count from 0
     reconstruct: bool = True  # refit each pruned block's O projection by least squares on calibration data
+    allocation: str = "global"  # global: the least important over all layers; even: every layer loses the same share
 
 
 def _head_columns(heads: list[int], head_dim: int) -> np.ndarray:
@@ -105,6 +107,7 @@ class RemoveAttentionHeadsPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts = self.options
         common.check_ratio(opts.ratio, self.name)
+        common.check_allocation(opts.allocation, self.name)
         blocks, unproven = blk.trusted_blocks(model, ctx)
         blocks = sorted(blocks, key=lambda block: block.layer)
         # Layers are numbered by position among the proven blocks; a block whose mask has a head axis
@@ -198,9 +201,13 @@ class RemoveAttentionHeadsPass(Pass):
         groups = int(round(count_heads / per_group))
         if not opts.reconstruct:
             scores = [common.unit_scores(m, blk.weight(values, block.o), u, False) for block, m, u in zip(blocks, measured, units)]
+            if opts.allocation == "even":
+                return common.evenly([list(np.argsort(s, kind="stable")) for s in scores], [len(u) for u in units], groups)
             return common.lowest_globally(scores, groups)
         orders, costs = zip(*(common.surgeon_order(m, blk.weight(values, block.o), blk.bias(values, block.o), u, len(u))
                               for block, m, u in zip(blocks, measured, units)))
+        if opts.allocation == "even":
+            return common.evenly(list(orders), [len(u) for u in units], groups)
         return common.cheapest_globally(list(orders), list(costs), groups)
 
 

@@ -1,8 +1,10 @@
 """remove-ffn-neurons: structured pruning of feed-forward intermediate neurons, without retraining.
 
-The neurons to remove are the least important over all layers (edgec.passes.prune.common: the energy
-a neuron adds to the residual stream on calibration data, relative to the stream's own), `ratio` of
-the model's original count; or exactly the ones listed in `neurons`. Each recognised feed-forward
+The neurons to remove are `ratio` of the model's original count, the least important (edgec.passes.prune.common:
+the energy a neuron adds to the residual stream on calibration data, relative to the stream's own; with
+the refit, what the refit cannot make up) either the same share of every layer (`allocation=even`, the
+default with the refit) or over all layers (`global`, the default without); or exactly the ones listed in
+`neurons`. Each recognised feed-forward
 block (up, optional gate, activation, down: edgec.analysis.structure) keeps the up/gate columns and the
 down rows of its kept neurons, in place; constants on the way between them that are as wide as the
 intermediate layer (a bias, a reshape's target) are cut to match. Shared weights are forked, never
@@ -43,6 +45,9 @@ class RemoveFfnNeuronsOptions:
     ratio: float = 0.25  # share of the model's original FFN neurons to remove, the least important first
     neurons: tuple[str, ...] = ()  # exactly these instead, as LAYER.NEURON (0.7:1.12); layers count from 0
     reconstruct: bool = True  # refit each pruned block's down projection by least squares on calibration data
+    # even: every layer loses the same share; global: the least important over all layers; auto: even
+    # with reconstruction, global without (what measured best on MiniLM, see the module's docstring)
+    allocation: str = "auto"
 
 
 def _nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
@@ -206,6 +211,7 @@ class RemoveFfnNeuronsPass(Pass):
 
         opts = self.options
         common.check_ratio(opts.ratio, self.name)
+        common.check_allocation(opts.allocation, self.name, auto=True)
         if eir.name_nodes(model):  # the blocks are rewired by node name: a cached record of unnamed ones is stale
             ctx.analyses.invalidate()
         blocks = list(ctx.analyses.get("ffn", model))
@@ -268,14 +274,22 @@ class RemoveFfnNeuronsPass(Pass):
         measured = common.measure(model, feeds, [block.down.input for block in blocks], residuals,
                                   common.progress_of(ctx), "feed-forward neurons")
         values = _values_by_name(model)
+        sizes = [block.intermediate for block in blocks]
+        even = opts.allocation == "even" or opts.allocation == "auto" and opts.reconstruct
         if not opts.reconstruct:
             scores = [common.neuron_scores(m, blk.weight(values, block.down), False) for block, m in zip(blocks, measured)]
+            if even:
+                return common.evenly([list(np.argsort(s, kind="stable")) for s in scores], sizes, count)
             return common.lowest_globally(scores, count)
         orders, costs = [], []
         for block, m in zip(blocks, measured):
             units = [np.array([j]) for j in range(block.intermediate)]
+            # An even share needs each block's order only as far as its share (the surgeon's work grows with it).
+            limit = int(np.ceil(count * block.intermediate / sum(sizes))) if even else count
             order, cost = common.surgeon_order(m, blk.weight(values, block.down), blk.bias(values, block.down), units,
-                                               min(count, block.intermediate), step=max(1, block.intermediate // SURGEON_STEPS))
+                                               min(limit, block.intermediate), step=max(1, block.intermediate // SURGEON_STEPS))
             orders.append(order)
             costs.append(cost)
+        if even:
+            return common.evenly(orders, sizes, count)
         return common.cheapest_globally(orders, costs, count)

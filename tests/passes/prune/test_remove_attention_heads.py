@@ -151,6 +151,7 @@ def test_per_head_mask_is_skipped():
     (dict(heads="0.x"), "is not LAYER.HEAD"),
     (dict(heads="3.1"), "names layer 3, but the model has 1 attention layers"),
     (dict(heads="0.4"), "names a head past layer 0's 4"),
+    (dict(allocation="auto"), "allocation='auto' is not one of global, even"),
 ])
 def test_bad_options(options, message):
     model = attention_layer()
@@ -198,6 +199,18 @@ def test_reconstruction_helps_on_bert(zoo_model, exporter):
     errors = errors_with_and_without_refit(lambda **kw: RemoveAttentionHeadsPass(ratio=0.5, **kw), zoo_model("bert", exporter),
                                            "heads_removed", 4)
     assert 0 < errors[True] < 0.5 * errors[False], errors  # about 4x smaller with the refit
+
+
+@pytest.mark.parametrize("reconstruct", [True, False])
+def test_even_allocation_takes_the_same_heads_from_every_layer(zoo_model, reconstruct):
+    path = zoo_model("bert", "dynamo")
+    model = cleaned(path)
+    ctx = calibrated(zoo.zoo_inputs("bert", path, batch=8, seed=1))
+    before = [b.heads for b in blk.trusted_blocks(model, ctx)[0]]
+    assert len(before) > 1 and len(set(before)) == 1
+    result = RemoveAttentionHeadsPass(ratio=0.5, reconstruct=reconstruct, allocation="even")(model, ctx)
+    assert result.stats["heads_removed"] == sum(before) // 2
+    assert [b.heads for b in PassContext().analyses.get("attention", model)] == [h - h // 2 for h in before]
 
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)

@@ -140,6 +140,7 @@ def test_ratio_zero_is_a_no_op():
     (dict(neurons="notalayer"), "'notalayer' is not LAYER.NEURON"),
     (dict(neurons="1.0"), "names layer 1, but the model has 1 feed-forward layers"),
     (dict(neurons="0.6"), "names a neuron past layer 0's 6"),
+    (dict(allocation="uniform"), "allocation='uniform' is not one of global, even, auto"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):
@@ -177,6 +178,29 @@ def test_reconstruction_helps_on_bert(zoo_model, exporter):
     errors = errors_with_and_without_refit(lambda **kw: RemoveFfnNeuronsPass(ratio=0.5, **kw), zoo_model("bert", exporter),
                                            "neurons_removed", 64)
     assert 0 < errors[True] < 0.5 * errors[False], errors  # about 4x smaller with the refit
+
+
+@pytest.mark.parametrize("allocation, reconstruct, even", [
+    ("auto", True, True), ("auto", False, False), ("even", False, True), ("global", True, False)])
+def test_allocation_over_layers(zoo_model, allocation, reconstruct, even):
+    """With the refit every layer loses the same share by default (global ranking measured worse on
+    MiniLM); without it the ranking is global. Either can be asked for."""
+    path = zoo_model("bert", "dynamo")
+    model = cleaned(path)
+    ctx = calibrated(zoo.zoo_inputs("bert", path, batch=16, seed=1))
+    blocks = ffn_of(model)
+    sizes = [b.intermediate for b in blocks]
+    assert len(sizes) > 1 and len(set(sizes)) == 1
+    last = _values_by_name(model)[blocks[-1].down.weight]  # the last layer's neurons count 4x more
+    last.const_value = ir.tensor(4 * constant_array(last))
+    result = RemoveFfnNeuronsPass(ratio=0.25, reconstruct=reconstruct, allocation=allocation)(model, ctx)
+    assert result.stats["neurons_removed"] == sum(sizes) // 4
+    kept = [b.intermediate for b in ffn_of(model)]
+    if even:
+        assert kept == [s - s // 4 for s in sizes]
+        assert [record["kept"] for record in ctx.options[PRUNING_KEY]["ffn"]] == kept
+    else:  # the ranking spares the last layer
+        assert kept[-1] > kept[0], kept
 
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
