@@ -1,7 +1,8 @@
 """Benchmark: structured pruning of MiniLM - attention heads x FFN neurons, with and without reconstruction, FP32 and INT8.
 
-For each point of a grid of head and FFN-neuron shares (default 0/25/50% of each, ranked globally over the
-model) the cleaned MiniLM export is pruned by remove-attention-heads and remove-ffn-neurons, with the
+For each point of a grid of head and FFN-neuron shares (default 0/25/50% of each; --points adds others;
+heads ranked over the whole model, FFN neurons the same share of every layer with the refit and ranked
+over the model without, the passes' defaults) the cleaned MiniLM export is pruned by remove-attention-heads and remove-ffn-neurons, with the
 least-squares reconstruction on and off, then compiled by edgec for x86-64 (onnxruntime) as FP32 and,
 for the reconstructed rows and the unpruned model, as INT8. Pruning importance, reconstruction and INT8
 calibration use Lee background sentences (sentences.npz); everything is evaluated on the 200 polarity
@@ -98,7 +99,7 @@ def load_data(folder: Path, args, workdir: Path) -> dict:
     sentences = load_npz(folder / "sentences.npz")
     if args.calib_samples > len(sentences["input_ids"]):
         raise UserError(f"--calib-samples {args.calib_samples} is more than the {len(sentences['input_ids'])} sentences "
-                        "in sentences.npz", "ask for fewer, or run tools/prepare_data.py (it writes all 2617 by default)")
+                        "in sentences.npz", "ask for fewer, or run tools/prepare_data.py (by default it writes every sentence)")
     data["calib"] = trimmed(tokens(sentences, slice(0, args.calib_samples)))
     workdir.mkdir(parents=True, exist_ok=True)
     data["calib_path"] = workdir / f"sentences-{args.calib_samples}.npz"
@@ -139,18 +140,21 @@ def prune_grid(exporter: str, cleaned: Path, folder: Path, data: dict, args) -> 
     records: dict[tuple[float, float, bool | None], dict] = {(0.0, 0.0, None): {}}
     for reconstruct in (True, False):
         flag = str(reconstruct).lower()
-        for h in args.grid:
-            for f in args.grid:
-                if h == 0 and f == 0:
-                    continue
-                passes = ([f"remove-attention-heads{{ratio={h},reconstruct={flag}}}"] if h > 0 else []) + \
-                         ([f"remove-ffn-neurons{{ratio={f},reconstruct={flag}}}"] if f > 0 else [])
-                dest = folder / f"h{h:g}-f{f:g}-{'recon' if reconstruct else 'norecon'}.onnx"
-                records[(h, f, reconstruct)] = run_passes(cleaned, dest, ",".join([*passes, "cleanup"]), data["calib"],
-                                                          f"{exporter} heads {h:.0%} ffn {f:.0%} reconstruct={flag}")
-                models[(h, f, reconstruct)] = dest
+        for h, f in points(args):
+            passes = ([f"remove-attention-heads{{ratio={h},reconstruct={flag}}}"] if h > 0 else []) + \
+                     ([f"remove-ffn-neurons{{ratio={f},reconstruct={flag}}}"] if f > 0 else [])
+            dest = folder / f"h{h:g}-f{f:g}-{'recon' if reconstruct else 'norecon'}.onnx"
+            records[(h, f, reconstruct)] = run_passes(cleaned, dest, ",".join([*passes, "cleanup"]), data["calib"],
+                                                      f"{exporter} heads {h:.0%} ffn {f:.0%} reconstruct={flag}")
+            models[(h, f, reconstruct)] = dest
     args.records[exporter] = records
     return models
+
+
+def points(args) -> list[tuple[float, float]]:
+    """The (heads, ffn) shares pruned: every pair of the grid but (0, 0), then the extra --points."""
+    grid = [(h, f) for h in args.grid for f in args.grid if h or f]
+    return grid + [point for point in args.points if point not in grid and any(point)]
 
 
 def removed_units(path: Path) -> dict:
@@ -310,8 +314,8 @@ def results_table(results: dict[str, list[Row]], args) -> Table:
 
 
 def print_notes(console: Console, results: dict[str, list[Row]]) -> None:
-    console.print(f"{EMBEDDING_NOTE}. heads/ffn: share of all 72 heads / 9216 FFN neurons asked for, ranked globally "
-                  "(removed in brackets); recon: least-squares reconstruction of the pruned projections; speedup: the "
+    console.print(f"{EMBEDDING_NOTE}. heads/ffn: share of all 72 heads / 9216 FFN neurons asked for (removed in "
+                  "brackets; heads ranked over the model, FFN neurons evenly per layer with the refit, ranked without); recon: least-squares reconstruction of the pruned projections; speedup: the "
                   "unpruned fp32 median over the row's; emb/tok cos: cosine with the unpruned fp32 model's sentence "
                   "embedding / real tokens' last_hidden_state; probe: sklearn LogisticRegression, "
                   f"{PROBE_FOLDS}-fold stratified CV (seed {SEED}), drop in points below unpruned fp32; pareto: * where no "
@@ -324,7 +328,7 @@ def print_notes(console: Console, results: dict[str, list[Row]]) -> None:
 
 def write_results(path: Path, results: dict[str, list[Row]], args, seconds: float) -> None:
     settings = {"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "sentences": args.sentences,
-                "calib_samples": args.calib_samples, "grid": args.grid, "int8_all": args.int8_all,
+                "calib_samples": args.calib_samples, "grid": args.grid, "points": args.points, "int8_all": args.int8_all,
                 "latency_shape": args.latency_shape, "embedding": EMBEDDING_NOTE, "onnxruntime": ort_version(),
                 "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "seconds": round(seconds, 1)}
     exporters = {}
@@ -361,6 +365,16 @@ def parse_grid(text: str) -> list[float]:
     return sorted({0.0, *values})
 
 
+def parse_points(text: str) -> list[tuple[float, float]]:
+    try:
+        pairs = [tuple(float(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of HEADS:FFN shares") from None
+    if any(len(pair) != 2 or not all(0 <= v < 1 for v in pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: each point is HEADS:FFN, shares in [0, 1)")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exporters", nargs="+", choices=EXPORTERS, default=["dynamo", "torchscript"],
@@ -368,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=parse_grid, default=parse_grid("0,0.25,0.5"),
                         help="shares of all heads and of all FFN neurons to remove, every pair of them (default 0,0.25,0.5; "
                              "0 is always included)")
+    parser.add_argument("--points", type=parse_points, default=[],
+                        help="more (heads, ffn) shares to prune besides the grid's, as H:F,H:F (e.g. 0.6:0.75)")
     parser.add_argument("--calib-samples", type=int, default=1024,
                         help="sentences.npz sentences pruning measures and refits on, and int8 calibrates on (default 1024 of "
                              "the 2617; with fewer the least-squares refits fit the calibration sentences more than the task: "

@@ -13,7 +13,7 @@ ones, G = [X, 1]ᵀ[X, 1], over the real tokens of the calibration data (padding
   next norm divides by the residual's size, so this is the relative change the norm sees; it makes
   units of different layers comparable, and the ranking can be global.
 - Allocation over layers: `global` takes the cheapest units of the whole model; `even` the same share
-  of every layer, each layer's cheapest. On all-MiniLM-L6-v2 (512 calibration sentences, sentence
+  of every layer (of what each has left, when an earlier run took some), each layer's cheapest. On all-MiniLM-L6-v2 (512 calibration sentences, sentence
   embedding cosine on other text), the refit FFN neurons did better even (0.9057 against 0.8921 at
   half the neurons, 0.9636 against 0.9594 at a quarter): the global ranking took 80% of the first
   layer's neurons, whose local cost is small but whose error every later layer carries. Without the
@@ -128,14 +128,16 @@ def augmented_gram(x: np.ndarray) -> np.ndarray:
 
 
 class _Batches:
-    """The calibration data in batches, each with its token mask.
+    """The calibration data in batches for `model`, each with its token mask.
 
-    Only sums over real tokens are taken from a batch, so the samples may come in any order: where
-    the padding is at the end of every row and the model takes any sequence length, they come
-    shortest first and each batch is cut to its longest row. Padding is then computed for a few
-    tokens instead of up to the longest sample's length in every batch."""
+    Only sums over real tokens are taken from a batch, so the samples may come in any order. Where
+    the padding is at the end of every row and each token input of the model takes any length on its
+    axis 1 (and has no other axis that long), the samples come shortest first and each batch is cut
+    to its longest row: padding is then computed for a few tokens instead of up to the longest
+    sample's length in every batch."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray]):
+    def __init__(self, feeds: Mapping[str, np.ndarray], model: ir.Model):
+        from edgec.quantize.calibrate import batch_size_for
         from edgec.verify import token_mask
 
         self.feeds = feeds
@@ -143,58 +145,58 @@ class _Batches:
         self.mask = token_mask(feeds)
         self.order = np.arange(self.samples)
         self.lengths = None
-        if self.mask is not None:
+        graph_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+        try:
+            self.batch = batch_size_for(graph_inputs, BATCH, self.samples)
+        except ValueError as exc:
+            raise UserError(f"pruning cannot run the calibration data: {exc}",
+                            "give --calib samples in a count the model's batch size divides") from None
+        self.fixed_batch = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in graph_inputs)
+        if self.mask is not None and self._any_length(graph_inputs):
             lengths = self.mask[:self.samples].sum(axis=1)
             padded_at_end = np.arange(self.mask.shape[1])[None, :] < lengths[:, None]
             if np.array_equal(padded_at_end, self.mask[:self.samples]):
                 self.lengths = lengths
                 self.order = np.argsort(lengths, kind="stable")
 
-    def spans(self, model: ir.Model) -> list[tuple[int, int]]:
-        """(start, end) of each batch: the model's fixed batch size, or BATCH samples."""
-        from edgec.quantize.calibrate import batch_size_for
+    def _any_length(self, graph_inputs) -> bool:
+        """Whether every fed input of two or more dims is as long as the mask on axis 1 (and on no
+        other axis), where the model takes any length."""
+        width = self.mask.shape[1]
+        for value in graph_inputs:
+            array = self.feeds.get(value.name)
+            if array is None or np.ndim(array) < 2:
+                continue
+            if array.shape[1] != width or list(array.shape[2:]).count(width):
+                return False
+            if value.shape is None or len(value.shape) < 2 or isinstance(value.shape[1], int):
+                return False
+        return True
 
-        graph_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
-        try:
-            batch = batch_size_for(graph_inputs, BATCH, self.samples)
-        except ValueError as exc:
-            raise UserError(f"pruning cannot run the calibration data: {exc}",
-                            "give --calib samples in a count the model's batch size divides") from None
-        self.trim = self.lengths is not None and self._dynamic_length(graph_inputs)
-        fixed = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in graph_inputs)
-        if not self.trim or fixed:
-            return [(start, min(start + batch, self.samples)) for start in range(0, self.samples, batch)]
-        # Cut batches hold about BATCH_TOKENS tokens each (at least BATCH samples): fewer, fuller runs.
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each batch: the model's fixed batch size, BATCH samples, or where batches
+        are cut to their longest sample, as many samples as fit BATCH_TOKENS (at least BATCH)."""
+        if self.lengths is None or self.fixed_batch:
+            return [(start, min(start + self.batch, self.samples)) for start in range(0, self.samples, self.batch)]
         spans, start = [], 0
         while start < self.samples:
             end = start + 1
             while end < self.samples and ((end - start) < BATCH or
-                                          (end + 1 - start) * int(self.lengths[self.order[end]]) <= BATCH_TOKENS):
+                                          (end + 1 - start) * max(int(self.lengths[self.order[end]]), 1) <= BATCH_TOKENS):
                 end += 1
             spans.append((start, end))
             start = end
         return spans
 
-    def _dynamic_length(self, graph_inputs) -> bool:
-        """Whether every input as long as the mask takes any length there (dim 1 not a fixed number)."""
-        width = self.mask.shape[1]
-        for value in graph_inputs:
-            array = self.feeds.get(value.name)
-            if array is None or np.ndim(array) < 2 or array.shape[1] != width:
-                continue
-            if value.shape is None or len(value.shape) < 2 or isinstance(value.shape[1], int):
-                return False
-        return True
-
     def chunk(self, start: int, end: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The inputs and token mask of batch [start, end) (of the samples in this object's order)."""
         picked = self.order[start:end]
         mask = self.mask[picked] if self.mask is not None else None
-        if not getattr(self, "trim", False):
+        if self.lengths is None:
             return {k: v[picked] for k, v in self.feeds.items()}, mask
-        width, length = self.mask.shape[1], max(int(self.lengths[picked].max()), 1)
-        cut = {k: (v[picked][:, :length] if np.ndim(v) >= 2 and v.shape[1] == width else v[picked])
-               for k, v in self.feeds.items()}
+        length = max(int(self.lengths[picked].max()), 1)
+        width = self.mask.shape[1]
+        cut = {k: (v[picked, :length] if np.ndim(v) >= 2 and v.shape[1] == width else v[picked]) for k, v in self.feeds.items()}
         return cut, mask[:, :length]
 
 
@@ -283,13 +285,13 @@ def measure(model: ir.Model, feeds: Mapping[str, np.ndarray], inputs: list[str],
             progress: Progress, what: str) -> list[Measured]:
     """One run of `model` over the calibration data: the augmented Gram matrix of each value in
     `inputs` and the energy of each value in `residuals` (pairs, one per block)."""
-    data = _Batches(feeds)
+    data = _Batches(feeds, model)
     fetch = list(dict.fromkeys(inputs + residuals))
     sess = session(model, fetch)
     grams: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     energies: dict[str, float] = {}
-    for start, end in data.spans(model):
+    for start, end in data.spans():
         chunk, mask = data.chunk(start, end)
         for name, array in zip(fetch, run_fetch(sess, fetch, chunk)):
             x = rows(array, mask)
@@ -323,14 +325,11 @@ def neuron_scores(measured: Measured, weight: np.ndarray, centered: bool) -> np.
     return variance * np.sum(weight.astype(np.float64) ** 2, axis=1) / max(measured.residual_energy, 1e-30)
 
 
-def lowest_globally(scores: list[np.ndarray], count: int) -> list[list[int]]:
-    """The `count` lowest-scoring units over all blocks: per block, the indices of its removed units
-    (ties are broken by block, then unit, so the choice is deterministic)."""
-    ranked = sorted((float(s), b, u) for b, block_scores in enumerate(scores) for u, s in enumerate(block_scores))
-    removed: list[list[int]] = [[] for _ in scores]
-    for _, b, u in ranked[:count]:
-        removed[b].append(u)
-    return [sorted(r) for r in removed]
+def score_orders(scores: list[np.ndarray]) -> tuple[list[list[int]], list[list[float]]]:
+    """Each block's units from the lowest score up, with those scores: orders and costs for `allocate`
+    (globally, the lowest scores over all blocks; ties go to the earlier block, then unit)."""
+    orders = [[int(u) for u in np.argsort(block_scores, kind="stable")] for block_scores in scores]
+    return orders, [[float(block_scores[u]) for u in order] for block_scores, order in zip(scores, orders)]
 
 
 def surgeon_order(measured: Measured, weight: np.ndarray, bias: np.ndarray | None, units: list[np.ndarray],
@@ -397,21 +396,31 @@ def check_allocation(allocation: str, pass_name: str, auto: bool = False) -> Non
     allowed = (*ALLOCATIONS, "auto") if auto else ALLOCATIONS
     if allocation not in allowed:
         raise UserError(f"{pass_name} allocation={allocation!r} is not one of {', '.join(allowed)}",
-                        "use allocation=even (the same share of every layer) or allocation=global (ranked over all layers)")
+                        f"use allocation={' or allocation='.join(allowed)}")
 
 
-def evenly(orders: list[list[int]], sizes: list[int], count: int) -> list[list[int]]:
-    """`count` units shared among the blocks in proportion to their `sizes`, each block giving up
-    units in its own order: one at a time, to the block furthest below its share that has any left.
-    Returns the removed units per block."""
-    taken = [0] * len(orders)
-    for _ in range(count):
-        open_blocks = [b for b in range(len(orders)) if taken[b] < len(orders[b]) and sizes[b] > 0]
-        if not open_blocks:
-            break
-        b = min(open_blocks, key=lambda b: ((taken[b] + 1) / sizes[b], b))
-        taken[b] += 1
-    return [sorted(order[:t]) for order, t in zip(orders, taken)]
+def even_shares(sizes: list[int], count: int) -> list[int]:
+    """`count` split among blocks in proportion to their `sizes`: each block's share rounded down,
+    the rest one each to the largest remainders (ties to later layers, whose error nothing after
+    them can make up for). No block gets more than its size when `count` <= sum(sizes)."""
+    total = sum(sizes)
+    if total == 0 or count <= 0:
+        return [0] * len(sizes)
+    exact = [count * size / total for size in sizes]
+    shares = [int(np.floor(e)) for e in exact]
+    for b in sorted(range(len(sizes)), key=lambda b: (-(exact[b] - shares[b]), -b))[:count - sum(shares)]:
+        shares[b] += 1
+    return shares
+
+
+def allocate(allocation: str, orders: list[list[int]], costs: list[list[float]] | None, shares: list[int],
+             count: int) -> list[list[int]]:
+    """The removed units per block: `even`, each block's first `shares` units in its own order;
+    `global`, the `count` units of least marginal cost (`costs`) over all blocks, each block giving
+    them up in its own order."""
+    if allocation == "even":
+        return [sorted(order[:n]) for order, n in zip(orders, shares)]
+    return cheapest_globally(orders, costs, count)
 
 
 # --- reconstruction -------------------------------------------------------------------------------------
@@ -438,7 +447,7 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     With `residual` (sum, skip), the target is what the original's residual sum needs from the block
     given the skip value the pruned model has now, R - S': the refit then also corrects what the
     layers pruned before it changed in the residual stream."""
-    data = _Batches(feeds)
+    data = _Batches(feeds, current)
     use_residual = residual is not None
     mine_fetch = [x_name, residual[1]] if use_residual else [x_name]
     theirs_fetch = [residual[0]] if use_residual else [x_name]
@@ -447,7 +456,7 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     gram = np.zeros((k + 1, k + 1))
     cross = np.zeros((k + 1, weight.shape[0] + 1))
     direct = np.zeros((k + 1, weight.shape[1]))
-    for start, end in data.spans(current):
+    for start, end in data.spans():
         chunk, mask = data.chunk(start, end)
         now = run_fetch(mine, mine_fetch, chunk)
         before = run_fetch(original_session, theirs_fetch, chunk)

@@ -97,7 +97,7 @@ def rebuild_with_heads(model: ir.Model, block: AttentionBlock, kept_units: list[
 
 
 class RemoveAttentionHeadsPass(Pass):
-    """Removes the least important attention heads (a share of all, ranked globally) and refits the O projections."""
+    """Removes the least important attention heads (a share of all: ranked over all layers, or of every layer) and refits the O projections."""
 
     name = "remove-attention-heads"
     Options = RemoveAttentionHeadsOptions
@@ -199,16 +199,13 @@ class RemoveAttentionHeadsPass(Pass):
         # Units are whole key/value groups: remove as many groups as hold the heads asked for.
         per_group = max(block.heads // block.kv_heads for block in blocks)
         groups = int(round(count_heads / per_group))
+        shares = common.even_shares([len(u) for u in units], groups)
         if not opts.reconstruct:
             scores = [common.unit_scores(m, blk.weight(values, block.o), u, False) for block, m, u in zip(blocks, measured, units)]
-            if opts.allocation == "even":
-                return common.evenly([list(np.argsort(s, kind="stable")) for s in scores], [len(u) for u in units], groups)
-            return common.lowest_globally(scores, groups)
+            return common.allocate(opts.allocation, *common.score_orders(scores), shares, groups)
         orders, costs = zip(*(common.surgeon_order(m, blk.weight(values, block.o), blk.bias(values, block.o), u, len(u))
                               for block, m, u in zip(blocks, measured, units)))
-        if opts.allocation == "even":
-            return common.evenly(list(orders), [len(u) for u in units], groups)
-        return common.cheapest_globally(list(orders), list(costs), groups)
+        return common.allocate(opts.allocation, list(orders), list(costs), shares, groups)
 
 
 def _per_head_mask(model: ir.Model, block: AttentionBlock) -> bool:

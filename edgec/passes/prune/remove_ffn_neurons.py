@@ -198,7 +198,7 @@ def rebuild_with_neurons(model: ir.Model, block: FeedForward, kept: np.ndarray,
 
 
 class RemoveFfnNeuronsPass(Pass):
-    """Removes the least important FFN intermediate neurons (a share of all, ranked globally) and refits the down projections."""
+    """Removes the least important FFN intermediate neurons (a share of all: of every layer, or ranked over all) and refits the down projections."""
 
     name = "remove-ffn-neurons"
     Options = RemoveFfnNeuronsOptions
@@ -274,22 +274,19 @@ class RemoveFfnNeuronsPass(Pass):
         measured = common.measure(model, feeds, [block.down.input for block in blocks], residuals,
                                   common.progress_of(ctx), "feed-forward neurons")
         values = _values_by_name(model)
-        sizes = [block.intermediate for block in blocks]
-        even = opts.allocation == "even" or opts.allocation == "auto" and opts.reconstruct
+        # With `even`, each block gives up its share of what is left (after a resumed run, of its present width).
+        allocation = "even" if opts.allocation == "even" or (opts.allocation == "auto" and opts.reconstruct) else "global"
+        shares = common.even_shares([block.intermediate for block in blocks], count)
         if not opts.reconstruct:
             scores = [common.neuron_scores(m, blk.weight(values, block.down), False) for block, m in zip(blocks, measured)]
-            if even:
-                return common.evenly([list(np.argsort(s, kind="stable")) for s in scores], sizes, count)
-            return common.lowest_globally(scores, count)
+            return common.allocate(allocation, *common.score_orders(scores), shares, count)
         orders, costs = [], []
-        for block, m in zip(blocks, measured):
+        for block, m, share in zip(blocks, measured, shares):
             units = [np.array([j]) for j in range(block.intermediate)]
             # An even share needs each block's order only as far as its share (the surgeon's work grows with it).
-            limit = int(np.ceil(count * block.intermediate / sum(sizes))) if even else count
+            limit = share if allocation == "even" else min(count, block.intermediate)
             order, cost = common.surgeon_order(m, blk.weight(values, block.down), blk.bias(values, block.down), units,
-                                               min(limit, block.intermediate), step=max(1, block.intermediate // SURGEON_STEPS))
+                                               limit, step=max(1, block.intermediate // SURGEON_STEPS))
             orders.append(order)
             costs.append(cost)
-        if even:
-            return common.evenly(orders, sizes, count)
-        return common.cheapest_globally(orders, costs, count)
+        return common.allocate(allocation, orders, costs, shares, count)

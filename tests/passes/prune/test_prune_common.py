@@ -11,11 +11,23 @@ from edgec.passes.core import PassContext
 from edgec.passes.prune import common
 
 
-def test_evenly_gives_every_block_its_share_in_its_own_order():
-    assert common.evenly([[3, 1, 0, 2], [0, 1, 2, 3]], [4, 4], 3) == [[1, 3], [0]]
-    assert common.evenly([[1, 0], [5, 4, 3, 2, 1, 0]], [2, 6], 4) == [[1], [3, 4, 5]]  # in proportion to size
-    assert common.evenly([[0], [0, 1, 2]], [4, 4], 3) == [[0], [0, 1]]  # a block's order may end early
-    assert common.evenly([[], []], [0, 0], 2) == [[], []]
+def test_even_shares_round_down_then_give_the_rest_to_the_largest_remainders():
+    assert common.even_shares([1536] * 6, 2304) == [384] * 6
+    assert common.even_shares([2, 6], 4) == [1, 3]  # in proportion to size
+    assert common.even_shares([4, 4, 4], 4) == [1, 1, 2]  # a tie goes to the later layer
+    assert common.even_shares([7, 1, 1, 1], 5) == [3, 0, 1, 1]  # never more than the share rounded up
+    assert common.even_shares([3, 5], 8) == [3, 5] and common.even_shares([0, 0], 2) == [0, 0]
+
+
+def test_allocate_even_or_by_least_marginal_cost():
+    orders, costs = [[3, 1, 0, 2], [0, 1, 2, 3]], [[0.1, 0.2, 0.9, 1.0], [0.15, 0.3, 0.4, 0.5]]
+    assert common.allocate("even", orders, costs, [2, 1], 3) == [[1, 3], [0]]
+    assert common.allocate("global", orders, costs, [2, 1], 3) == [[1, 3], [0]]
+    assert common.allocate("global", orders, costs, [2, 1], 4) == [[1, 3], [0, 1]]
+    assert common.allocate("even", orders, costs, [2, 2], 4) == [[1, 3], [0, 1]]
+    scores = [np.array([0.5, 0.1, 0.3]), np.array([0.2, 0.05])]
+    assert common.score_orders(scores) == ([[1, 2, 0], [1, 0]], [[0.1, 0.3, 0.5], [0.05, 0.2]])
+    assert common.allocate("global", *common.score_orders(scores), [2, 1], 3) == [[1], [0, 1]]
 
 
 def padded_feeds(lengths, width, seed=0):
@@ -25,16 +37,16 @@ def padded_feeds(lengths, width, seed=0):
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def dynamic(names=("input_ids", "attention_mask", "token_type_ids"), length="S") -> ir.Model:
-    """A model with those inputs, [batch, `length`] (a number fixes the sequence length); it computes nothing."""
-    inputs = [ir.Value(name=name, shape=ir.Shape(["B", length]), type=ir.TensorType(ir.DataType.INT64)) for name in names]
+def dynamic(names=("input_ids", "attention_mask", "token_type_ids"), length="S", batch="B") -> ir.Model:
+    """A model with those inputs, [`batch`, `length`] (a number fixes that dim); it computes nothing."""
+    inputs = [ir.Value(name=name, shape=ir.Shape([batch, length]), type=ir.TensorType(ir.DataType.INT64)) for name in names]
     return ir.Model(ir.Graph(inputs, [], nodes=[]), ir_version=10)
 
 
 def test_batches_come_shortest_first_cut_to_their_longest():
     feeds = padded_feeds([9, 2, 5, 3, 7, 1, 4, 8, 6, 2], width=12)
-    data = common._Batches(feeds)
-    spans = data.spans(dynamic())
+    data = common._Batches(feeds, dynamic())
+    spans = data.spans()
     seen = []
     for start, end in spans:
         chunk, mask = data.chunk(start, end)
@@ -44,25 +56,53 @@ def test_batches_come_shortest_first_cut_to_their_longest():
     assert seen == sorted(seen) and sorted(seen) == sorted([9, 2, 5, 3, 7, 1, 4, 8, 6, 2])
 
 
+def test_short_samples_share_a_batch_up_to_the_token_budget():
+    lengths = [5] * 900 + [40] * 100
+    data = common._Batches(padded_feeds(lengths, width=40), dynamic())
+    spans = data.spans()
+    sizes = [end - start for start, end in spans]
+    assert sum(sizes) == 1000 and max(sizes) == common.BATCH_TOKENS // 5
+    for start, end in spans:
+        chunk, mask = data.chunk(start, end)
+        assert chunk["input_ids"].size <= common.BATCH_TOKENS or end - start == common.BATCH
+
+
+def test_a_fixed_batch_size_is_kept_and_cut():
+    data = common._Batches(padded_feeds([6, 1, 4, 2], width=8), dynamic(batch=2))
+    assert data.spans() == [(0, 2), (2, 4)]
+    assert [data.chunk(*span)[1].shape for span in data.spans()] == [(2, 2), (2, 6)]
+
+
 @pytest.mark.parametrize("model", [dynamic(length=12), dynamic(names=("input_ids",), length=12)], ids=["fixed", "fixed-ids"])
 def test_fixed_sequence_length_is_not_cut(model):
-    data = common._Batches(padded_feeds([3, 5, 2], width=12))
-    (start, end), = data.spans(model)
+    data = common._Batches(padded_feeds([3, 5, 2], width=12), model)
+    (start, end), = data.spans()
     chunk, mask = data.chunk(start, end)
     assert mask.shape == (3, 12) and chunk["input_ids"].shape == (3, 12)
+
+
+def test_an_input_with_the_tokens_on_another_axis_is_not_cut():
+    feeds = padded_feeds([3, 5, 2], width=6)
+    feeds["bias"] = np.zeros((3, 1, 6, 6), np.float32)  # an additive mask [batch, 1, tokens, tokens]
+    model = dynamic()
+    model.graph.inputs.append(ir.Value(name="bias", shape=ir.Shape(["B", 1, "S", "S"]), type=ir.TensorType(ir.DataType.FLOAT)))
+    data = common._Batches(feeds, model)
+    (start, end), = data.spans()
+    chunk, mask = data.chunk(start, end)
+    assert mask.shape == (3, 6) and chunk["bias"].shape == (3, 1, 6, 6)
 
 
 def test_padding_at_the_start_is_not_cut():
     feeds = padded_feeds([3, 5, 2], width=6)
     feeds = {k: v[:, ::-1].copy() for k, v in feeds.items()}  # left padding
-    data = common._Batches(feeds)
-    (start, end), = data.spans(dynamic())
+    data = common._Batches(feeds, dynamic())
+    (start, end), = data.spans()
     chunk, mask = data.chunk(start, end)
     assert mask.shape == (3, 6) and np.array_equal(mask, feeds["attention_mask"] != 0)
 
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
-def test_cut_batches_measure_what_padded_ones_do(zoo_model, exporter):
+def test_cut_batches_measure_what_padded_ones_do(zoo_model, exporter, monkeypatch):
     """The Gram matrices over real tokens are those of one run at full width: cutting the padding changes nothing."""
     path = zoo_model("bert", exporter)
     model = cleaned(path)
@@ -71,9 +111,11 @@ def test_cut_batches_measure_what_padded_ones_do(zoo_model, exporter):
     lengths = [width, 2, width - 1, 3, 4, width, 5, 2, width - 2, 6]
     mask = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(base["attention_mask"].dtype)
     feeds = {**base, "attention_mask": mask}
-    data = common._Batches(feeds)
-    data.spans(model)
-    assert data.trim  # the exports take any sequence length
+    monkeypatch.setattr(common, "BATCH", 2)  # several batches, most of them cut
+    monkeypatch.setattr(common, "BATCH_TOKENS", 12)
+    data = common._Batches(feeds, model)
+    widths = [data.chunk(*span)[1].shape[1] for span in data.spans()]
+    assert len(widths) > 3 and min(widths) < width  # the exports take any sequence length
     blocks = list(PassContext().analyses.get("ffn", model))
     inputs = [block.down.input for block in blocks]
     residuals = [common.residual_of(model, block.output) for block in blocks]

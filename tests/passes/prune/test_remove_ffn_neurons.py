@@ -203,6 +203,16 @@ def test_allocation_over_layers(zoo_model, allocation, reconstruct, even):
         assert kept[-1] > kept[0], kept
 
 
+def test_even_allocation_resumed_with_a_larger_ratio(zoo_model):
+    path = zoo_model("bert", "dynamo")
+    model = cleaned(path)
+    ctx = calibrated(zoo.zoo_inputs("bert", path, batch=16, seed=1))
+    sizes = [b.intermediate for b in ffn_of(model)]
+    RemoveFfnNeuronsPass(ratio=0.25)(model, ctx)
+    assert RemoveFfnNeuronsPass(ratio=0.5)(model, ctx).stats["neurons_removed"] == sum(sizes) // 4
+    assert [b.intermediate for b in ffn_of(model)] == [s // 2 for s in sizes]
+
+
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_zoo_prunes_half_the_neurons(zoo_model, arch, exporter):
