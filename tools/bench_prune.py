@@ -2,7 +2,8 @@
 
 For each point of a grid of head and FFN-neuron shares (default 0/25/50% of each; --points adds others;
 heads ranked over the whole model, FFN neurons the same share of every layer with the refit and ranked
-over the model without, the passes' defaults) the cleaned MiniLM export is pruned by remove-attention-heads and remove-ffn-neurons, with the
+over the model without, the passes' defaults) the cleaned MiniLM export is pruned by
+remove-attention-heads and remove-ffn-neurons, with the
 least-squares reconstruction on and off, then compiled by edgec for x86-64 (onnxruntime) as FP32 and,
 for the reconstructed rows and the unpruned model, as INT8. Pruning importance, reconstruction and INT8
 calibration use Lee background sentences (sentences.npz); everything is evaluated on the 200 polarity
@@ -315,7 +316,8 @@ def results_table(results: dict[str, list[Row]], args) -> Table:
 
 def print_notes(console: Console, results: dict[str, list[Row]]) -> None:
     console.print(f"{EMBEDDING_NOTE}. heads/ffn: share of all 72 heads / 9216 FFN neurons asked for (removed in "
-                  "brackets; heads ranked over the model, FFN neurons evenly per layer with the refit, ranked without); recon: least-squares reconstruction of the pruned projections; speedup: the "
+                  "brackets; heads ranked over the model, FFN neurons evenly per layer with the refit, ranked "
+                  "without); recon: least-squares reconstruction of the pruned projections; speedup: the "
                   "unpruned fp32 median over the row's; emb/tok cos: cosine with the unpruned fp32 model's sentence "
                   "embedding / real tokens' last_hidden_state; probe: sklearn LogisticRegression, "
                   f"{PROBE_FOLDS}-fold stratified CV (seed {SEED}), drop in points below unpruned fp32; pareto: * where no "

@@ -2,9 +2,9 @@
 
 Writes, under --out: polarity.npz (200 labelled movie-review sentences, `labels` 0=neg 1=pos),
 calib.npz (the first --calib-samples Lee background documents), sentences.npz (the sentences of all
-those documents of at least 4 words, 2617; the first --sentence-samples of them when given) and wordsim.npz (the WordSim-353
-words, with `pairs` of word indices, gold `scores` and the `words`). Token arrays are int64,
-batch first, keyed by the graph input names; other keys are extras that edgec ignores.
+those documents of at least 4 words, 2617; the first --sentence-samples of them when given) and
+wordsim.npz (the WordSim-353 words, with `pairs` of word indices, gold `scores` and the `words`).
+Token arrays are int64, batch first, keyed by the graph input names; other keys are extras that edgec ignores.
 """
 
 from __future__ import annotations

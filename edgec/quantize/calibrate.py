@@ -373,9 +373,14 @@ def _check_feeds(graph_inputs: Mapping[str, ir.Value], feeds: Mapping[str, np.nd
     return arrays, samples
 
 
+def fixed_batch_sizes(graph_inputs) -> set[int]:
+    """The batch sizes the inputs fix (their dim 0, where it is a number)."""
+    return {v.shape[0] for v in graph_inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
+
+
 def batch_size_for(graph_inputs, wanted: int, samples: int) -> int:
     """`wanted`, unless the model fixes its batch dimension; then that (which must divide the samples)."""
-    fixed = {v.shape[0] for v in graph_inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
+    fixed = fixed_batch_sizes(graph_inputs)
     if not fixed:
         return min(wanted, samples)
     if len(fixed) > 1:

@@ -13,11 +13,12 @@ ones, G = [X, 1]ᵀ[X, 1], over the real tokens of the calibration data (padding
   next norm divides by the residual's size, so this is the relative change the norm sees; it makes
   units of different layers comparable, and the ranking can be global.
 - Allocation over layers: `global` takes the cheapest units of the whole model; `even` the same share
-  of every layer (of what each has left, when an earlier run took some), each layer's cheapest. On all-MiniLM-L6-v2 (512 calibration sentences, sentence
-  embedding cosine on other text), the refit FFN neurons did better even (0.9057 against 0.8921 at
-  half the neurons, 0.9636 against 0.9594 at a quarter): the global ranking took 80% of the first
-  layer's neurons, whose local cost is small but whose error every later layer carries. Without the
-  refit, and for heads (0.9034 global, 0.8801 even at half), global did better.
+  of every layer (of what each has left, when an earlier run took some), each layer's cheapest. On
+  all-MiniLM-L6-v2 (512 calibration sentences, sentence embedding cosine on other text), the refit
+  FFN neurons did better even (0.9057 against 0.8921 at half the neurons, 0.9636 against 0.9594 at a
+  quarter): the global ranking took 80% of the first layer's neurons, whose local cost is small but
+  whose error every later layer carries. Without the refit, and for heads (0.9034 global, 0.8801
+  even at half), global did better.
 - Reconstruction: with the kept columns k, the projection is refit by ridge least squares so that
   the pruned layer reproduces the original layer's output, [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b]. It runs
   layer by layer in order: X' is what the model pruned so far computes, X what the original computed,
@@ -137,7 +138,7 @@ class _Batches:
     sample's length in every batch."""
 
     def __init__(self, feeds: Mapping[str, np.ndarray], model: ir.Model):
-        from edgec.quantize.calibrate import batch_size_for
+        from edgec.quantize.calibrate import batch_size_for, fixed_batch_sizes
         from edgec.verify import token_mask
 
         self.feeds = feeds
@@ -151,7 +152,7 @@ class _Batches:
         except ValueError as exc:
             raise UserError(f"pruning cannot run the calibration data: {exc}",
                             "give --calib samples in a count the model's batch size divides") from None
-        self.fixed_batch = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in graph_inputs)
+        self.fixed_batch = bool(fixed_batch_sizes(graph_inputs))
         if self.mask is not None and self._any_length(graph_inputs):
             lengths = self.mask[:self.samples].sum(axis=1)
             padded_at_end = np.arange(self.mask.shape[1])[None, :] < lengths[:, None]
@@ -413,7 +414,7 @@ def even_shares(sizes: list[int], count: int) -> list[int]:
     return shares
 
 
-def allocate(allocation: str, orders: list[list[int]], costs: list[list[float]] | None, shares: list[int],
+def allocate(allocation: str, orders: list[list[int]], costs: list[list[float]], shares: list[int],
              count: int) -> list[list[int]]:
     """The removed units per block: `even`, each block's first `shares` units in its own order;
     `global`, the `count` units of least marginal cost (`costs`) over all blocks, each block giving

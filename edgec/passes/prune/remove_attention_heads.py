@@ -3,8 +3,8 @@
 The heads to remove are the least important over all layers (edgec.passes.prune.common: the energy a
 head adds to the residual stream on calibration data, relative to the stream's own), `ratio` of the
 model's original head count (`allocation=even`: the same share of every layer); or exactly the ones
-listed in `heads`. Each recognised attention block
-that loses heads is rebuilt from its record with the kept heads' Q/K/V columns and O rows: the head
+listed in `heads`. Each recognised attention block that loses heads is rebuilt from its record with
+the kept heads' Q/K/V columns and O rows: the head
 count is rewritten everywhere the export encoded it (reshape constants, scales, fused QKV weights),
 whatever shape the exporter gave the block, because the block is built anew. With grouped-query
 attention a key/value head goes with all the query heads that share it.

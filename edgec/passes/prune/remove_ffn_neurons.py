@@ -1,13 +1,13 @@
 """remove-ffn-neurons: structured pruning of feed-forward intermediate neurons, without retraining.
 
-The neurons to remove are `ratio` of the model's original count, the least important (edgec.passes.prune.common:
-the energy a neuron adds to the residual stream on calibration data, relative to the stream's own; with
-the refit, what the refit cannot make up) either the same share of every layer (`allocation=even`, the
-default with the refit) or over all layers (`global`, the default without); or exactly the ones listed in
-`neurons`. Each recognised feed-forward
-block (up, optional gate, activation, down: edgec.analysis.structure) keeps the up/gate columns and the
-down rows of its kept neurons, in place; constants on the way between them that are as wide as the
-intermediate layer (a bias, a reshape's target) are cut to match. Shared weights are forked, never
+The neurons to remove are `ratio` of the model's original count, the least important
+(edgec.passes.prune.common: the energy a neuron adds to the residual stream on calibration data,
+relative to the stream's own; with the refit, what the refit cannot make up) either the same share of
+every layer (`allocation=even`, the default with the refit) or over all layers (`global`, the default
+without); or exactly the ones listed in `neurons`. Each recognised feed-forward block (up, optional
+gate, activation, down: edgec.analysis.structure) keeps the up/gate columns and the down rows of its
+kept neurons, in place; constants on the way between them that are as wide as the intermediate layer
+(a bias, a reshape's target) are cut to match. Shared weights are forked, never
 edited in place.
 
 With `reconstruct` (the default) each pruned block's down projection (and its bias: the mean the
