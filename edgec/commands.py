@@ -123,7 +123,7 @@ def _pruning_table(pruning: dict) -> Table:
     """Heads and FFN neurons removed per layer, with the estimate before and after."""
     e = pruning["estimated_latency_ms"]
     search = pruning.get("search")
-    chosen = f"; ratio {search['ratio']:g} chosen as {search['reason']}" if search else ""
+    chosen = f"; heads {search['heads']:g}, ffn {search['ffn']:g} chosen as {search['reason']}" if search else ""
     title = (f"pruning: {pruning['heads_removed']} heads, {pruning['neurons_removed']} FFN neurons removed"
              f"{' and layers refit' if pruning['reconstruct'] else ''}{chosen}; estimated {e['before']:.3g} -> "
              f"{e['after']:.3g} ms ({e['precision']}, roofline)")

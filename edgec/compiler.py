@@ -498,7 +498,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
                         accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step)
-        prune = dataclasses.replace(prune, heads=chosen.ratio, ffn=chosen.ratio)
+        prune = dataclasses.replace(prune, heads=chosen.heads, ffn=chosen.ffn)
     ctx.options[CALIBRATION_FEEDS_KEY] = feeds
     ctx.options["progress"] = step
     before = estimate_ms(model, target, precision, bindings)
