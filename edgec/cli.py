@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove attention heads / FFN neurons: heads=0.25,ffn=0.25[,reconstruct=off] (shares of all), "
                         "or auto with --latency-budget and/or --accuracy-budget (the least mean output cosine); needs --calib")
     c.add_argument("--latency-budget", type=float, default=None, metavar="MS",
-                   help="--prune auto: the target's estimated latency (ms) to reach with the least pruning")
+                   help="--prune auto: the target's estimated latency (ms) to reach; of the heads/FFN mixes that do, the most accurate")
     c.add_argument("--eval", type=Path, help="mixed: data the budget is checked on (.npz; 'labels' for top1); default: --calib")
     c.add_argument("--metric", default="cosine", help="mixed: cosine | top1 (first output's argmax against --eval labels)")
     c.add_argument("--shape", action="append", metavar="NAME=DIMS",

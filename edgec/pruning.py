@@ -13,8 +13,9 @@ With --latency-budget 3.9 on x86-64 (4.84 ms unpruned, 256 sentences) the search
 heads and 10% of the FFN neurons, held-out cosine 0.9535, where the FFN alone needed 45% for 0.9251.
 The latency is the target's roofline estimate (edgec.targets.cost) of the pruned model at the
 compile's shapes, labelled as an estimate; the accuracy is the mean output cosine to the unpruned
-model on the calibration data, measured on pruned copies (pruning more of either never helps
-accuracy, so each share is binary-searched)."""
+model on calibration samples held out from the candidates' refit (see SEARCH_SAMPLES). Each share is
+binary-searched on the assumption that pruning more of either never helps accuracy. The chosen mix
+is then pruned and refit on all the calibration data, and the compile's check measures it there."""
 
 from __future__ import annotations
 
@@ -166,8 +167,10 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     def estimate(heads: float, ffn: float) -> float:
         if (heads, ffn) not in estimates:
             step(f"estimating latency at heads {heads:g}, ffn {ffn:g}")
-            # Which units go does not change the estimate: no refit needed to measure it.
-            estimates[heads, ffn] = estimate_ms(pruned(heads, ffn, False), target, precision, bindings)
+            # Which units go does not change the estimate: no refit needed to measure it. Unpruned: the
+            # model as the compile estimates it (without the cleanup a pruned copy gets).
+            copy = pruned(heads, ffn, False) if heads or ffn else model
+            estimates[heads, ffn] = estimate_ms(copy, target, precision, bindings)
             found.tried.append({"heads": heads, "ffn": ffn, "estimated_ms": round(estimates[heads, ffn], 4)})
         return estimates[heads, ffn]
 
@@ -200,7 +203,8 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
                     fits = middle
                 else:
                     over = middle
-            mixes.append((heads, ffn_ratios[fits]))
+            if not mixes or fits < top:  # the same FFN share with more heads gone: never more accurate
+                mixes.append((heads, ffn_ratios[fits]))
             top = fits
             if fits == 0:  # more heads would only remove more than the budget needs
                 break
@@ -228,7 +232,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     for heads in HEAD_RATIOS:
         # The FFN share the previous heads share kept is the most this one can keep: tried first (the
         # usual answer), then a binary search below it.
-        if (heads or top) and cosine(heads, ffn_ratios[top]) >= accuracy_budget:
+        if cosine(heads, ffn_ratios[top]) >= accuracy_budget:
             keeps = top
         else:
             keeps, breaks = (0 if not heads else -1), top  # -1: not even this heads share alone keeps it
@@ -251,7 +255,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
                         "lower the budget, or compile without --prune")
     _, heads, ffn = min(kept)
     return choose(heads, ffn, f"the least estimated latency of {len(kept)} mixes of heads and FFN neurons whose mean output "
-                              f"cosine on calibration data stays >= {accuracy_budget}")
+                              f"cosine on held-out calibration samples stays >= {accuracy_budget}")
 
 
 def split_for_search(feeds: dict) -> tuple[dict, dict]:
@@ -261,7 +265,7 @@ def split_for_search(feeds: dict) -> tuple[dict, dict]:
         return feeds, feeds
     held = min(SEARCH_SAMPLES, count // 2)
     fit = min(count - held, SEARCH_FIT)
-    return {k: v[:fit] for k, v in feeds.items()}, {k: v[count - held:] for k, v in feeds.items()}
+    return {k: v[:fit] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
 
 
 def report(records: dict | None, request: PruneRequest, chosen: Search | None, estimate: dict | None) -> dict:

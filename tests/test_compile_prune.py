@@ -14,7 +14,7 @@ from edgec.errors import UserError
 from edgec.frontends.onnx import load_onnx
 from edgec.passes.core import PassContext
 from edgec.passes.manager import PassManager
-from edgec.pruning import MAX_RATIO, RATIO_STEP, SEARCH_FIT, SEARCH_SAMPLES, parse_prune, split_for_search
+from edgec.pruning import HEAD_RATIOS, MAX_RATIO, RATIO_STEP, SEARCH_FIT, SEARCH_SAMPLES, parse_prune, split_for_search
 from edgec.verify import run_model
 
 # The zoo's BERT: 2 layers of 4 heads (8 in all) and 64 FFN neurons (128 in all).
@@ -118,6 +118,11 @@ def test_prune_auto_meets_a_latency_budget_with_the_most_accurate_least_pruning(
 
     with pytest.raises(UserError, match="out of reach"):
         compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=before * 1e-6, calib=calib))
+    # A budget the model already meets prunes nothing.
+    result = compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=before * 2, calib=calib))
+    assert result.passed, result.failures
+    assert result.report["pruning"]["heads_removed"] == result.report["pruning"]["neurons_removed"] == 0
+    assert "already within" in result.report["pruning"]["search"]["reason"]
 
 
 def test_prune_auto_keeps_an_accuracy_budget_with_the_least_latency(zoo_model, tmp_path):
@@ -132,9 +137,13 @@ def test_prune_auto_keeps_an_accuracy_budget_with_the_least_latency(zoo_model, t
     # one step more broke it at that heads share or a smaller one. The one chosen is the fastest.
     assert chosen in estimates and estimates[chosen] == min(estimates.values())
     for heads, ffn in estimates:
-        assert cosines.get((heads, ffn), 1.0) >= 0.99
+        assert cosines[heads, ffn] >= 0.99
         more = round(ffn + RATIO_STEP, 4)
         assert ffn == MAX_RATIO or any(c < 0.99 for (h, f), c in cosines.items() if f == more and h <= heads)
+    # The heads shares were tried in turn until one broke the budget even with no FFN neuron removed.
+    tried = sorted({heads for heads, _ in cosines})
+    assert tried == list(HEAD_RATIOS[:len(tried)])
+    assert len(tried) == len(HEAD_RATIOS) or cosines[tried[-1], 0.0] < 0.99
     assert result.report["verification"]["cosine_mean"] >= 0.99
 
 
@@ -209,7 +218,7 @@ def test_cli_prune_prints_the_table_and_a_bad_spec_is_one_line(zoo_model, tmp_pa
                  "--latency-budget", f"{budget:.6f}", "--calib", str(calib), "--accuracy-budget", str(NO_BUDGET)])
     assert code == 0
     printed = "".join(capsys.readouterr().out.split())  # the title wraps at the console's width
-    assert "heads0.15,ffn0chosenasthemostaccurateof2mixes" in printed
+    assert "chosenasthemostaccurateof" in printed and "mixesofheadsandFFNneurons" in printed
     code = main(["compile", str(source), "--target", "x86-64", "-o", str(tmp_path / "cli2"), "--prune", "heads=lots",
                  "--calib", str(calib)])
     assert code == 2
