@@ -20,7 +20,8 @@ from edgec.ir.constants import constant_array
 from edgec.passes import blocks as blk
 from edgec.passes.core import PassContext
 from edgec.passes.prune import RemoveFfnNeuronsPass
-from edgec.passes.prune.common import PRUNING_KEY
+from edgec.passes.manager import PassManager
+from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY, REFERENCE_KEY
 from edgec.verify import run_model
 
 ATOL = 1e-5
@@ -306,3 +307,24 @@ def test_flattened_block_as_wide_as_its_hidden_state():
     h = np.maximum(x.astype(np.float64) @ w["w1"] + w["b1"], 0.0)
     h[..., [1, 4]] = 0.0
     np.testing.assert_allclose(run_model(model, {"x": x}, optimize=False)["y"], x + h @ w["w2"] + w["b2"], atol=ATOL)
+
+
+def test_given_the_unpruned_model_the_refit_after_heads_went_is_the_one_pipelines(zoo_model):
+    """`--prune auto` removes each heads share once and starts its FFN shares from that model, naming
+    the unpruned model as the reference: the result must be what one pipeline computes."""
+    path = zoo_model("bert", "torchscript")
+    original = cleaned(path)
+    feeds = zoo.zoo_inputs("bert", path, batch=16, seed=1)
+    one = eir.clone(original)
+    PassManager("remove-attention-heads{ratio=0.3},remove-ffn-neurons{ratio=0.4}", calibrated(feeds)).run(one)
+    heads = eir.clone(original)
+    PassManager("remove-attention-heads{ratio=0.3}", calibrated(feeds)).run(heads)
+    apart, alone = eir.clone(heads), eir.clone(heads)
+    PassManager("remove-ffn-neurons{ratio=0.4}",
+                PassContext(options={CALIBRATION_FEEDS_KEY: feeds, REFERENCE_KEY: (apart, original)})).run(apart)
+    PassManager("remove-ffn-neurons{ratio=0.4}", calibrated(feeds)).run(alone)
+    expected, got, near_miss = (run_model(m, feeds) for m in (one, apart, alone))
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+    # Without the reference the refit reproduces the heads-pruned layers instead.
+    assert any(not np.allclose(near_miss[name], value, rtol=0, atol=1e-7) for name, value in expected.items())
