@@ -482,8 +482,8 @@ def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
 
 def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: CompileOptions, target: Target, backend: Backend,
                       feeds: dict, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
-    """The target's pipeline, then pruning (its heads and FFN shares searched first for --prune auto), then the
-    backend's lowering; returns the combined result, the report's `pruning` entry and the manager
+    """The target's pipeline, then pruning (its heads and FFN shares searched first for --prune auto),
+    then the backend's lowering; returns the combined result, the report's `pruning` entry and the manager
     whose text the report names."""
     from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
     from edgec.pruning import estimate_ms, report, search

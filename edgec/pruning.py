@@ -142,6 +142,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     fit, held_out = split_for_search(feeds)
     estimates: dict[tuple[float, float], float] = {}
     cosines: dict[tuple[float, float], float] = {}
+    measured_ms: dict[tuple[float, float], float] = {}  # the estimates of the copies cosine() pruned
     reference: list = []
     without_ffn: dict[bool, tuple[float, object]] = {}  # by refit or not: the last heads share's model
 
@@ -167,10 +168,14 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     def estimate(heads: float, ffn: float) -> float:
         if (heads, ffn) not in estimates:
             step(f"estimating latency at heads {heads:g}, ffn {ffn:g}")
-            # Which units go does not change the estimate: no refit needed to measure it. Unpruned: the
-            # model as the compile estimates it (without the cleanup a pruned copy gets).
-            copy = pruned(heads, ffn, False) if heads or ffn else model
-            estimates[heads, ffn] = estimate_ms(copy, target, precision, bindings)
+            # Which units go does not change the estimate: no refit needed to measure it, and a copy
+            # cosine() pruned already serves. Unpruned: the model as the compile estimates it (without
+            # the cleanup a pruned copy gets).
+            if (heads, ffn) in measured_ms:
+                estimates[heads, ffn] = measured_ms[heads, ffn]
+            else:
+                copy = pruned(heads, ffn, False) if heads or ffn else model
+                estimates[heads, ffn] = estimate_ms(copy, target, precision, bindings)
             found.tried.append({"heads": heads, "ffn": ffn, "estimated_ms": round(estimates[heads, ffn], 4)})
         return estimates[heads, ffn]
 
@@ -179,8 +184,9 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
             step(f"measuring accuracy at heads {heads:g}, ffn {ffn:g}")
             if not reference:
                 reference.append(run_model(model, held_out))
-            cosines[heads, ffn] = compare(reference[0], run_model(pruned(heads, ffn, reconstruct), held_out),
-                                          token_mask(held_out))["cosine_mean"]
+            copy = pruned(heads, ffn, reconstruct)
+            measured_ms[heads, ffn] = estimate_ms(copy, target, precision, bindings)
+            cosines[heads, ffn] = compare(reference[0], run_model(copy, held_out), token_mask(held_out))["cosine_mean"]
             found.tried.append({"heads": heads, "ffn": ffn, "cosine_mean": round(cosines[heads, ffn], 6)})
         return cosines[heads, ffn]
 
