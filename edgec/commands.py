@@ -235,14 +235,19 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
 
             unsupported = target.unsupported_ops(hist.keys())
             precision = "fp32" if "fp32" in target.precisions else target.precisions[0]
-            estimate = estimate_model_seconds(cost, target, precision)
+            backend = _backend_check(model, target, backend_name)
+            # The model as its backend runs it (lowered), else as it came.
+            lowered_cost = backend.pop("cost", None)
+            estimate = estimate_model_seconds(lowered_cost or cost, target, precision)
+            form = f"as the {backend['name']} backend lowers it" if lowered_cost else "as exported"
             info["target"] = {
                 "name": target.name,
                 "unsupported_ops": {op: list(why) for op, why in unsupported.items()},
-                "backend": _backend_check(model, target, backend_name),
+                "backend": backend,
                 "estimated_latency_s": estimate,
                 "estimate_precision": precision,
-                "estimate_note": "roofline estimate from the profile's peak throughput and bandwidth, not a measurement",
+                "estimate_note": f"roofline estimate of the model {form}, from the profile's peak throughput and bandwidth, "
+                                 "not a measurement",
             }
         return info
     finally:
@@ -253,7 +258,8 @@ def inspect_model(model_path: str, target_name: str | None = None, exporter: str
 def _backend_check(model, target, requested: str | None) -> dict:
     """What the target's backend (or `requested`) makes of the model: the nodes its emitter cannot
     take, on a copy lowered as the compile lowers it (static shapes where the backend needs them:
-    batch 1 and the generated inputs' other dims)."""
+    batch 1 and the generated inputs' other dims), and that copy's `cost` where its shapes stayed dynamic."""
+    from edgec.analysis.cost import model_cost
     from edgec.compiler import _has_dynamic_dims, _specialize, choose_backend
     from edgec.passes.core import PassContext
     from edgec.passes.manager import PassManager
@@ -267,14 +273,17 @@ def _backend_check(model, target, requested: str | None) -> dict:
             raise
         return {"name": None, "error": str(exc), "notes": notes}
     lowered = eir.clone(model)
-    if not backend.dynamic_shapes and _has_dynamic_dims(lowered):
+    specialized = not backend.dynamic_shapes and _has_dynamic_dims(lowered)
+    if specialized:
         _specialize(lowered, {}, generate_inputs(lowered))
     pipeline = ",".join(p for p in (target.default_pipeline, backend.lowering_pipeline(target, "fp32")) if p)
     ctx = PassContext(target=target, options={"precision": "fp32", "backend": backend.name})
     PassManager(pipeline or [], ctx).run(lowered)
     op_types = {node.name: node.op_type for node in lowered.graph}
     problems = backend.unsupported_ops(lowered)
-    return {"name": backend.name, "notes": notes,
+    # A copy specialized to the generated inputs' shapes is not costed: the estimate keeps the
+    # model's own bindings (batch 1, other dims 128).
+    return {"name": backend.name, "notes": notes, "cost": None if specialized else model_cost(lowered),
             "unsupported": {name: {"op": op_types.get(name, "?"), "why": why} for name, why in problems.items()}}
 
 

@@ -486,7 +486,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     then the backend's lowering; returns the combined result, the report's `pruning` entry and the manager
     whose text the report names."""
     from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
-    from edgec.pruning import estimate_ms, report, search
+    from edgec.pruning import estimate_ms, report, search, significant
 
     pipeline_text, lowering = stages
     result = PassManager(pipeline_text or [], ctx).run(model)
@@ -497,19 +497,21 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     chosen = None
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
-                        accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step)
+                        accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step,
+                        lowering=lowering)
         prune = dataclasses.replace(prune, heads=chosen.heads, ffn=chosen.ffn)
     ctx.options[CALIBRATION_FEEDS_KEY] = feeds
     ctx.options["progress"] = step
-    before = estimate_ms(model, target, precision, bindings)
+    before = estimate_ms(model, target, precision, bindings, lowering)
     for text in (prune.pipeline(), lowering):
         part = PassManager(text or [], ctx).run(model)
         result.records.extend(part.records)
         result.unsettled.extend(part.unsettled)
         if text == prune.pipeline():
-            after = estimate_ms(model, target, precision, bindings)
-    estimate = {"before": round(before, 4), "after": round(after, 4), "precision": precision,
-                "note": f"roofline estimate on {target.name} at the compile's shapes, not a measurement"}
+            after = estimate_ms(model, target, precision, bindings, lowering)
+    estimate = {"before": significant(before), "after": significant(after), "precision": precision,
+                "note": f"roofline estimate on {target.name} of the model as the {backend.name} backend lowers it, "
+                        "at the compile's shapes, not a measurement"}
     manager = PassManager(",".join(p for p in (pipeline_text, prune.pipeline(), lowering) if p), ctx)
     result.model = model
     return result, report(ctx.options.pop(PRUNING_KEY, None), prune, chosen, estimate), manager

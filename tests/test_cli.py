@@ -208,6 +208,17 @@ def test_inspect_json(model_file):
     assert info["parameters"] == 400 and info["parameter_bytes"] == 1600
     assert info["flops"] > 0 and info["target"]["name"] == "snapdragon-8"
     assert "unsupported_ops" in info["target"]
+    # The TFLite backend specializes its copy to the generated inputs' shapes: the estimate keeps the
+    # model's own (batch 1, other dims 128), as exported.
+    assert "as exported" in info["target"]["estimate_note"]
+
+
+def test_inspect_estimates_the_model_as_its_backend_lowers_it(model_file):
+    rc, stdout, stderr = run_cli("inspect", model_file, "--json", "--target", "x86-64")
+    assert rc == 0, stderr
+    info = json.loads(stdout)
+    assert "as the onnxruntime backend lowers it" in info["target"]["estimate_note"]
+    assert info["target"]["estimated_latency_s"] > 0
 
 
 def test_inspect_table(model_file):

@@ -97,8 +97,8 @@ def test_prune_auto_meets_a_latency_budget_with_the_most_accurate_least_pruning(
     calib = _calibration(tmp_path)
     first = compile_model(source, _options(tmp_path, prune="heads=0.05", calib=calib, accuracy_budget=NO_BUDGET))
     before = first.report["pruning"]["estimated_latency_ms"]["before"]
-    # This model's estimate falls 8% with three quarters of its FFN neurons gone, and more with one of
-    # its 8 heads (the least heads share tried, 15%): two mixes fit.
+    # This model's estimate (lowered for onnxruntime) falls 9% with three quarters of its FFN neurons
+    # gone, and 4% with one of its 8 heads (the least heads share tried, 15%): several mixes fit.
     budget = before * 0.92
     result = compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=budget, calib=calib, accuracy_budget=NO_BUDGET))
     assert result.passed, result.failures
@@ -111,6 +111,9 @@ def test_prune_auto_meets_a_latency_budget_with_the_most_accurate_least_pruning(
     # Several mixes fit; each is its heads share's least FFN share (one step less is over the budget),
     # and the one chosen is the most accurate of them.
     assert len(cosines) > 1 and chosen in cosines and cosines[chosen] == max(cosines.values())
+    # The search's estimate is the compile's: this model's projections have no biases (zero ones
+    # folded away), and the search estimates on copies with the bias Adds a refit gives them.
+    assert estimates[chosen] == pytest.approx(pruning["estimated_latency_ms"]["after"], rel=1e-5)
     assert len({heads for heads, _ in cosines}) == len(cosines)
     for heads, ffn in cosines:
         assert estimates[heads, ffn] <= budget
