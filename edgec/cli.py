@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with top1 the most accuracy drop as a fraction (default 0.01)")
     c.add_argument("--prune", metavar="SPEC",
                    help="remove attention heads / FFN neurons: heads=0.25,ffn=0.25[,reconstruct=off] (shares of all), "
-                        "or auto with --latency-budget and/or --accuracy-budget (the least mean output cosine); needs --calib")
+                        "or auto with --latency-budget and/or --accuracy-budget (the least mean output cosine); needs --calib, "
+                        "and is checked on --inputs or else on calibration samples held out from the refit")
     c.add_argument("--latency-budget", type=float, default=None, metavar="MS",
                    help="--prune auto: the target's estimated latency (ms) to reach; of the heads/FFN mixes that do, the most accurate")
     c.add_argument("--eval", type=Path, help="mixed: data the budget is checked on (.npz; 'labels' for top1); default: --calib")

@@ -19,7 +19,7 @@ from edgec.passes.core import DebugCounter, PassContext
 from edgec.passes.instruments import Instrument, PrintAfterChange, Progress, VerifyAfterEachPass
 from edgec.passes.manager import PassManager
 from edgec.passes.registry import MAX_FIXPOINT_ROUNDS
-from edgec.pruning import DEFAULT_PRUNE_BUDGET, PruneRequest, check_budgets, parse_prune
+from edgec.pruning import DEFAULT_PRUNE_BUDGET, PruneRequest, check_budgets, hold_out, parse_prune
 from edgec.report import write_json
 from edgec.sources import load_source
 from edgec.targets import Target, get_target
@@ -221,6 +221,11 @@ def compile_model(
     if prune is not None:
         tolerance = _prune_tolerance(tolerance, options)
     verify_data = options.calib if approximate and options.calib is not None else options.inputs
+    # A pruned model is refit on the calibration data, and measured there it looks far better than it
+    # is: it is checked on --inputs, or on calibration samples held out from every refit.
+    if prune is not None and options.inputs is not None:
+        verify_data = options.inputs
+    holding_out = prune is not None and options.inputs is None
     quantizing = options.precision in QUANTIZED
     evaluation_check(options, pruning=prune is not None)
     if options.shapes and backend.dynamic_shapes:
@@ -244,7 +249,14 @@ def compile_model(
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
         calib_feeds = _calibration_feeds(options.calib, model) if quantizing or prune is not None else None
         evaluation = _evaluation(options, model) if options.eval is not None else None
-        if verify_data is not None:
+        held_out = None
+        if holding_out:
+            calib_feeds, held_out = hold_out(calib_feeds)
+            feeds = held_out
+            count = min(len(v) for v in held_out.values())
+            inputs_source = (f"{verify_data} ({count} samples held out from the refit)" if held_out is not calib_feeds
+                             else f"{verify_data} (the samples the refit fit: too few to hold any out)")
+        elif verify_data is not None:
             feeds = load_inputs(verify_data, model)
             inputs_source = str(verify_data)
         else:
@@ -295,6 +307,8 @@ def compile_model(
                     notes.append(f"calibration inputs {', '.join(cut)} were cut to the static shapes "
                                  "(the artifact sees no more than that)")
                 calib_feeds = fit_feeds(calib_feeds, static_shapes)
+            if held_out is not None:
+                held_out = fit_feeds(held_out, static_shapes)
             if evaluation is not None:
                 evaluation = dataclasses.replace(evaluation, feeds=fit_feeds(evaluation.feeds, static_shapes))
             alt = None  # the artifact takes one shape
@@ -315,8 +329,8 @@ def compile_model(
         if prune is None:
             result = manager.run(model)
         else:
-            result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds, static_shapes,
-                                                         (pipeline_text, lowering), step)
+            result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds, held_out,
+                                                         static_shapes, (pipeline_text, lowering), step)
         model = result.model
         t = mark("passes", t)
         quantization = None
@@ -481,10 +495,11 @@ def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
 
 
 def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: CompileOptions, target: Target, backend: Backend,
-                      feeds: dict, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
-    """The target's pipeline, then pruning (its heads and FFN shares searched first for --prune auto),
-    then the backend's lowering; returns the combined result, the report's `pruning` entry and the manager
-    whose text the report names."""
+                      feeds: dict, held_out: dict | None, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
+    """The target's pipeline, then pruning (its heads and FFN shares searched first for --prune auto,
+    measured on `held_out` when the compile holds samples out for its check), then the backend's
+    lowering; returns the combined result, the report's `pruning` entry and the manager whose text
+    the report names."""
     from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
     from edgec.pruning import estimate_ms, report, search, significant
 
@@ -498,7 +513,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
                         accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step,
-                        lowering=lowering)
+                        lowering=lowering, held_out=held_out)
         prune = dataclasses.replace(prune, heads=chosen.heads, ffn=chosen.ffn)
     ctx.options[CALIBRATION_FEEDS_KEY] = feeds
     ctx.options["progress"] = step

@@ -14,9 +14,9 @@ With --latency-budget 2.5 on x86-64 (3.09 ms unpruned, 256 sentences; 6.5 minute
 (0.9524) and 30% with 20% (0.9411). The latency is the target's roofline estimate (edgec.targets.cost)
 of the pruned model as the backend lowers it, at the compile's shapes, labelled as an estimate; the
 accuracy is the mean output cosine to the unpruned model on calibration samples held out from the
-candidates' refit (see SEARCH_SAMPLES). Each share is binary-searched on the assumption that pruning
-more of either never helps accuracy. The chosen mix is then pruned and refit on all the calibration
-data, and the compile's check measures it there."""
+candidates' refit (see SEARCH_SAMPLES): the compile's check samples, unless --inputs gives those.
+Each share is binary-searched on the assumption that pruning more of either never helps accuracy. The
+chosen mix is then pruned and refit on all the calibration data but the held-out samples."""
 
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ MAX_RATIO = 0.75
 HEAD_RATIOS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
 # The accuracy budget of a pruned compile when the user gives none (least mean output cosine).
 DEFAULT_PRUNE_BUDGET = 0.95
-# Calibration samples a budget search holds out to measure each candidate's accuracy on (at most half
-# of them), and the most of the others it ranks and refits the candidates on. Measured on the samples
-# it was refit on, a candidate looks far better than it is: on all-MiniLM-L6-v2 refit on 64 sentences,
-# 60% of the heads and 70% of the FFN neurons kept 0.9517 on those and 0.8986 on other text.
+# Calibration samples held out from every refit to measure a pruned model on (the compile's check and a
+# budget search's candidates; at most half of them), and the most of the others a search ranks and refits
+# its candidates on. Measured on the samples it was refit on, a pruned model looks far better than it
+# is: on all-MiniLM-L6-v2 refit on 64 sentences, 60% of the heads and 70% of the FFN neurons kept 0.9517
+# on those and 0.8986 on other text.
 SEARCH_SAMPLES = 64
 SEARCH_FIT = 256
 
@@ -145,12 +146,15 @@ def estimate_ms(model, target, precision: str, bindings: dict[str, int] | None, 
 
 
 def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: float | None, accuracy_budget: float | None,
-           reconstruct: bool, bindings: dict[str, int] | None, step: Callable[[str], None], lowering: str = "") -> Search:
+           reconstruct: bool, bindings: dict[str, int] | None, step: Callable[[str], None], lowering: str = "",
+           held_out: dict | None = None) -> Search:
     """The heads and FFN shares for --prune auto, one mix per heads share of HEAD_RATIOS: with a
     latency budget each mix is the least FFN share that fits it and the one kept is the most accurate
     (checked against the accuracy budget when there is one); with only an accuracy budget each mix is
     the most FFN share that keeps it and the one kept has the least estimated latency. Either way the
-    FFN share a mix needs never grows with its heads share, which bounds each binary search."""
+    FFN share a mix needs never grows with its heads share, which bounds each binary search. The
+    candidates are refit on `feeds` and measured on `held_out` (the compile's check samples, which no
+    refit sees), or without it on samples of `feeds` held out from their refit."""
     from edgec import ir as eir
     from edgec.passes.core import PassContext
     from edgec.passes.manager import PassManager
@@ -159,7 +163,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
 
     ffn_ratios = [round(RATIO_STEP * i, 4) for i in range(int(round(MAX_RATIO / RATIO_STEP)) + 1)]
     found = Search()
-    fit, held_out = split_for_search(feeds)
+    fit, held_out = split_for_search(feeds, held_out)
     estimates: dict[tuple[float, float], float] = {}
     cosines: dict[tuple[float, float], float] = {}
     measured_ms: dict[tuple[float, float], float] = {}  # the estimates of the copies cosine() pruned
@@ -297,14 +301,22 @@ def _refit_adds_bias(model) -> bool:
     return any(b.o.bias is None for b in find_attention(model)) or any(f.down.bias is None for f in find_feed_forward(model))
 
 
-def split_for_search(feeds: dict) -> tuple[dict, dict]:
-    """The calibration samples a budget search refits its candidates on, and those it measures them on."""
+def hold_out(feeds: dict) -> tuple[dict, dict]:
+    """The calibration samples to refit on and those held out to measure the result on: the last
+    SEARCH_SAMPLES, at most half (with fewer than two samples, all of them both)."""
     count = min((len(v) for v in feeds.values()), default=0)
     if count < 2:
         return feeds, feeds
     held = min(SEARCH_SAMPLES, count // 2)
-    fit = min(count - held, SEARCH_FIT)
-    return {k: v[:fit] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
+    return {k: v[:count - held] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
+
+
+def split_for_search(feeds: dict, held_out: dict | None = None) -> tuple[dict, dict]:
+    """The calibration samples a budget search refits its candidates on (at most SEARCH_FIT), and those
+    it measures them on: `held_out` when the compile holds samples out for its check, else its own."""
+    rest, held = hold_out(feeds) if held_out is None else (feeds, held_out)
+    fit = min(min((len(v) for v in rest.values()), default=0), SEARCH_FIT)
+    return {k: v[:fit] for k, v in rest.items()}, held
 
 
 def report(records: dict | None, request: PruneRequest, chosen: Search | None, estimate: dict | None) -> dict:

@@ -14,8 +14,10 @@ from edgec.errors import UserError
 from edgec.frontends.onnx import load_onnx
 from edgec.passes.core import PassContext
 from edgec.passes.manager import PassManager
-from edgec.pruning import HEAD_RATIOS, MAX_RATIO, RATIO_STEP, SEARCH_FIT, SEARCH_SAMPLES, parse_prune, split_for_search
-from edgec.verify import run_model
+from edgec.pruning import (
+    HEAD_RATIOS, MAX_RATIO, RATIO_STEP, SEARCH_FIT, SEARCH_SAMPLES, hold_out, parse_prune, split_for_search,
+)
+from edgec.verify import compare, run_model, token_mask
 
 # The zoo's BERT: 2 layers of 4 heads (8 in all) and 64 FFN neurons (128 in all).
 HEADS, NEURONS = 8, 128
@@ -44,7 +46,8 @@ def _counts(path) -> tuple[int, int]:
 
 def test_prune_ratios_remove_heads_and_neurons_and_the_report_lists_them(zoo_model, tmp_path):
     source = zoo_model("bert", "torchscript")
-    result = compile_model(source, _options(tmp_path, prune="heads=0.5,ffn=0.25", calib=_calibration(tmp_path),
+    calib = _calibration(tmp_path)
+    result = compile_model(source, _options(tmp_path, prune="heads=0.5,ffn=0.25", calib=calib,
                                             accuracy_budget=NO_BUDGET, backend="onnxruntime", precision="fp32"))
     assert result.passed, result.failures
     pruning = result.report["pruning"]
@@ -55,9 +58,13 @@ def test_prune_ratios_remove_heads_and_neurons_and_the_report_lists_them(zoo_mod
     assert pruning["reconstruct"] is True and pruning["search"] is None
     e = pruning["estimated_latency_ms"]
     assert e["after"] < e["before"]
-    # The verification compared the pruned artifact with the original on the calibration data.
+    # The verification compared the pruned artifact with the original on calibration samples that no
+    # refit saw: the last half of these 16.
     v = result.report["verification"]
-    assert v["inputs"].endswith("calib.npz") and v["tolerance"]["min_cosine_mean"] == NO_BUDGET
+    assert v["inputs"] == f"{calib} (8 samples held out from the refit)" and v["tolerance"]["min_cosine_mean"] == NO_BUDGET
+    held = {k: v[8:] for k, v in np.load(calib).items()}
+    check = compare(run_model(load_onnx(source), held), run_model(load_onnx(result.artifact.path), held), token_mask(held))
+    assert v["cosine_mean"] == pytest.approx(check["cosine_mean"], abs=1e-6)
     assert "remove-attention-heads{ratio=0.5}" in result.report["pipeline"]
     # The artifact holds the cut weights: each layer's up projection is [hidden 32, kept neurons].
     shapes = {tuple(v.const_value.shape) for v in load_onnx(result.artifact.path).graph.initializers.values()
@@ -73,7 +80,7 @@ def test_prune_then_int8(zoo_model, tmp_path):
                                             accuracy_budget=NO_BUDGET, precision="int8"))
     assert result.passed, result.failures
     assert result.report["pruning"]["heads_removed"] == 2 and result.report["pruning"]["neurons_removed"] == 64
-    assert result.report["quantization"]["calibration"]["samples"] == 16
+    assert result.report["quantization"]["calibration"]["samples"] == 8  # the 8 others are the check's
     ops = {n.op_type for n in load_onnx(result.artifact.path).graph}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
@@ -159,7 +166,25 @@ def test_the_search_measures_candidates_on_samples_it_did_not_refit_them_on():
     assert len(fit["input_ids"]) == len(held_out["input_ids"]) == 5
     assert not set(fit["input_ids"][:, 0]) & set(held_out["input_ids"][:, 0])
     one = {k: v[:1] for k, v in feeds.items()}
-    assert split_for_search(one) == (one, one)  # nothing to hold out: measured where it was refit
+    fit, held_out = split_for_search(one)  # nothing to hold out: measured where it was refit
+    assert held_out is one and all(np.array_equal(fit[k], one[k]) for k in one)
+    # The compile holds out its check's samples (the last 64) and the search measures on those.
+    rest, held = hold_out(feeds)
+    assert len(rest["input_ids"]) == 600 - SEARCH_SAMPLES and held["input_ids"][0, 0] == (600 - SEARCH_SAMPLES) * 4
+    fit, measured = split_for_search(rest, held)
+    assert measured is held and len(fit["input_ids"]) == SEARCH_FIT
+
+
+def test_a_pruned_compile_given_inputs_is_checked_on_them_and_refit_on_all_the_calibration(zoo_model, tmp_path):
+    source = zoo_model("bert", "torchscript")
+    calib = _calibration(tmp_path)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **{k: v[:4] for k, v in np.load(calib).items()})
+    result = compile_model(source, _options(tmp_path, prune="ffn=0.5", calib=calib, inputs=inputs, precision="int8",
+                                            accuracy_budget=NO_BUDGET))
+    assert result.passed, result.failures
+    assert result.report["verification"]["inputs"] == str(inputs)
+    assert result.report["quantization"]["calibration"]["samples"] == 16
 
 
 def test_pruning_beyond_the_budget_is_refused_and_nothing_is_written(zoo_model, tmp_path):
