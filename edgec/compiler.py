@@ -251,11 +251,23 @@ def compile_model(
         evaluation = _evaluation(options, model) if options.eval is not None else None
         held_out = None
         if holding_out:
-            calib_feeds, held_out = hold_out(calib_feeds)
+            from edgec.quantize.calibrate import fixed_batch_sizes
+            from edgec.verify.inputs import graph_inputs
+
+            fixed = fixed_batch_sizes(graph_inputs(model))
+            calib_feeds, held_out = hold_out(calib_feeds, multiple=max(fixed) if len(fixed) == 1 else 1,
+                                             keep=MIN_CALIBRATION_SAMPLES if quantizing else 1)
             feeds = held_out
-            count = min(len(v) for v in held_out.values())
-            inputs_source = (f"{verify_data} ({count} samples held out from the refit)" if held_out is not calib_feeds
-                             else f"{verify_data} (the samples the refit fit: too few to hold any out)")
+            if held_out is calib_feeds:
+                inputs_source = f"{verify_data} (the samples the refit fit: too few to hold any out)"
+                notes.append("the pruned model is checked on the calibration samples it was refit on, which flatters "
+                             "it: give more samples, or --inputs to check on")
+            else:
+                count = min(len(v) for v in held_out.values())
+                chose = "; --prune auto chose its mix on them" if prune.auto else ""
+                inputs_source = f"{verify_data} ({count} samples held out from the refit{chose})"
+                notes.append(f"{count} calibration samples were held out from the refit"
+                             f"{' and the int8 ranges' if quantizing else ''} to check the pruned model on")
         elif verify_data is not None:
             feeds = load_inputs(verify_data, model)
             inputs_source = str(verify_data)

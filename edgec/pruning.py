@@ -9,9 +9,9 @@ in accuracy, and which is cheaper depends on the model and on how much goes. On 
 (512 calibration sentences, sentence-embedding cosine on other text) removing 15% of the heads and
 40% of the FFN neurons kept 0.9231 where 30% of both kept 0.9158, for about the same FLOPs; yet a
 quarter of both kept 0.9378 where 40% of the FFN neurons alone (a few FLOPs fewer) kept 0.9316.
-With --latency-budget 2.5 on x86-64 (3.09 ms unpruned, 256 sentences; 6.5 minutes) the search chose
-30% of the FFN neurons alone, held-out cosine 0.9565, over 15% of the heads with 25% of the neurons
-(0.9524) and 30% with 20% (0.9411). The latency is the target's roofline estimate (edgec.targets.cost)
+With --latency-budget 2.67 on x86-64 (3.30 ms unpruned, 256 sentences; 9 minutes) the search chose
+15% of the heads and 25% of the FFN neurons, cosine 0.9524 on 64 held-out sentences, over 35% of the
+neurons alone (0.9462) and 30% of the heads with 15% (0.9477). The latency is the target's roofline estimate (edgec.targets.cost)
 of the pruned model as the backend lowers it, at the compile's shapes, labelled as an estimate; the
 accuracy is the mean output cosine to the unpruned model on calibration samples held out from the
 candidates' refit (see SEARCH_SAMPLES): the compile's check samples, unless --inputs gives those.
@@ -130,8 +130,8 @@ def estimate_ms(model, target, precision: str, bindings: dict[str, int] | None, 
     all-MiniLM-L6-v2 at 8x65 on x86-64-avx2, the exporter's form rated 45% of the heads gone 3% faster
     than 45% of the FFN neurons gone, its per-head reshapes and transposes charged as memory traffic;
     onnxruntime, which runs attention as one fused op, ran the FFN-pruned model 14-17% faster, and the
-    lowered form's estimate has it 26% faster (it rates every FLOP alike, where onnxruntime's attention
-    runs slower per FLOP than its GEMMs: removing heads is under-credited)."""
+    lowered form's estimate has it 19% faster (it rates every FLOP alike, where onnxruntime's attention
+    runs slower per FLOP than its GEMMs: removing heads is somewhat under-credited)."""
     from edgec.analysis.cost import model_cost
     from edgec.targets.cost import estimate_model_seconds
 
@@ -168,41 +168,37 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     cosines: dict[tuple[float, float], float] = {}
     measured_ms: dict[tuple[float, float], float] = {}  # the estimates of the copies cosine() pruned
     reference: list = []
-    without_ffn: dict[str, tuple[float, object]] = {}  # by how it was pruned: the last heads share's model
-    # A refit gives a projection that had no bias one, an Add the estimate must count: for such a model
-    # a candidate's latency is estimated on a copy refit on two samples, whose weights do not matter.
-    shaped = reconstruct and _refit_adds_bias(model)
+    without_ffn: dict[bool, tuple[float, object]] = {}  # by refit or not: the last heads share's model
 
-    def passes(text: str, copy, data: dict, **options) -> None:
-        ctx = PassContext(target=target, options={CALIBRATION_FEEDS_KEY: data, "progress": step, **options})
+    def passes(text: str, copy, **options) -> None:
+        ctx = PassContext(target=target, options={CALIBRATION_FEEDS_KEY: fit, "progress": step, **options})
         PassManager(text, ctx).run(copy)
 
-    def pruned(heads: float, ffn: float, how: str):
-        """A pruned copy, `how` = "refit" / "cut" (no refit) / "shape" (refit on two samples). The search
-        goes through the heads shares in turn, so the heads of one share are removed once and its FFN
-        shares start from there, refit (as in one pipeline) to reproduce the unpruned model's layers."""
-        flag = "false" if how == "cut" else "true"
-        data = {k: v[:2] for k, v in fit.items()} if how == "shape" else fit
-        if without_ffn.get(how, (None,))[0] != heads:
+    def pruned(heads: float, ffn: float, with_reconstruction: bool):
+        """A pruned copy. The search goes through the heads shares in turn, so the heads of one share are
+        removed once and its FFN shares start from there, refit (as in one pipeline) to reproduce the
+        unpruned model's layers."""
+        flag = str(with_reconstruction).lower()
+        if without_ffn.get(with_reconstruction, (None,))[0] != heads:
             copy = eir.clone(model)
             if heads:
-                passes(f"remove-attention-heads{{ratio={heads:g},reconstruct={flag}}}", copy, data)
-            without_ffn[how] = (heads, copy)
-        copy = eir.clone(without_ffn[how][1])
-        passes(f"remove-ffn-neurons{{ratio={ffn:g},reconstruct={flag}}},cleanup" if ffn else "cleanup", copy, data,
+                passes(f"remove-attention-heads{{ratio={heads:g},reconstruct={flag}}}", copy)
+            without_ffn[with_reconstruction] = (heads, copy)
+        copy = eir.clone(without_ffn[with_reconstruction][1])
+        passes(f"remove-ffn-neurons{{ratio={ffn:g},reconstruct={flag}}},cleanup" if ffn else "cleanup", copy,
                **{REFERENCE_KEY: (copy, model)})
         return copy
 
     def estimate(heads: float, ffn: float) -> float:
         if (heads, ffn) not in estimates:
             step(f"estimating latency at heads {heads:g}, ffn {ffn:g}")
-            # Which units go does not change the estimate: no real refit is needed to measure it (only
-            # its structure, see `shaped`), and a copy cosine() pruned already serves. Unpruned: the
-            # model as the compile estimates it (without the cleanup a pruned copy gets).
+            # Which units go barely changes the estimate (a refit adds no node): no refit is needed to
+            # measure it, and a copy cosine() pruned already serves. Unpruned: the model as the compile
+            # estimates it (without the cleanup a pruned copy gets).
             if (heads, ffn) in measured_ms:
                 estimates[heads, ffn] = measured_ms[heads, ffn]
             else:
-                copy = pruned(heads, ffn, "shape" if shaped else "cut") if heads or ffn else model
+                copy = pruned(heads, ffn, False) if heads or ffn else model
                 estimates[heads, ffn] = estimate_ms(copy, target, precision, bindings, lowering)
             found.tried.append({"heads": heads, "ffn": ffn, "estimated_ms": significant(estimates[heads, ffn])})
         return estimates[heads, ffn]
@@ -212,7 +208,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
             step(f"measuring accuracy at heads {heads:g}, ffn {ffn:g}")
             if not reference:
                 reference.append(run_model(model, held_out))
-            copy = pruned(heads, ffn, "refit" if reconstruct else "cut")
+            copy = pruned(heads, ffn, reconstruct)
             measured_ms[heads, ffn] = estimate_ms(copy, target, precision, bindings, lowering)
             cosines[heads, ffn] = compare(reference[0], run_model(copy, held_out), token_mask(held_out))["cosine_mean"]
             found.tried.append({"heads": heads, "ffn": ffn, "cosine_mean": round(cosines[heads, ffn], 6)})
@@ -292,22 +288,14 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
                               f"cosine on held-out calibration samples stays >= {accuracy_budget}")
 
 
-def _refit_adds_bias(model) -> bool:
-    """Whether an attention block's O projection or a feed-forward block's down projection has no bias
-    (a refit gives it one)."""
-    from edgec.analysis.attention import find_attention
-    from edgec.analysis.structure import find_feed_forward
-
-    return any(b.o.bias is None for b in find_attention(model)) or any(f.down.bias is None for f in find_feed_forward(model))
-
-
-def hold_out(feeds: dict) -> tuple[dict, dict]:
+def hold_out(feeds: dict, multiple: int = 1, keep: int = 1) -> tuple[dict, dict]:
     """The calibration samples to refit on and those held out to measure the result on: the last
-    SEARCH_SAMPLES, at most half (with fewer than two samples, all of them both)."""
+    SEARCH_SAMPLES, at most half, a multiple of `multiple` (a batch size the model fixes), leaving at
+    least `keep`. Where none can be held out, all of them both."""
     count = min((len(v) for v in feeds.values()), default=0)
-    if count < 2:
+    held = min(SEARCH_SAMPLES, count // 2, count - keep) // multiple * multiple
+    if held <= 0:
         return feeds, feeds
-    held = min(SEARCH_SAMPLES, count // 2)
     return {k: v[:count - held] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
 
 

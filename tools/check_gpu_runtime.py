@@ -101,7 +101,7 @@ def run(folder: Path, providers: list[str] | None = None) -> int:
               "with an NVIDIA GPU")
         return 1
     status = 0
-    print(f"{'artifact':<32} {'provider':<28} {'ran on':<28} {'cos mean':>9} {'cos min':>9} {'vs cpu':>9}")
+    print(f"{'artifact':<32} {'provider':<28} {'session':<28} {'cos mean':>9} {'cos min':>9} {'vs cpu':>9}")
     for entry in json.loads((folder / "manifest.json").read_text()):
         name, precision = entry["model"], entry["precision"]
         feeds = dict(np.load(folder / f"{name}-inputs.npz"))
@@ -119,6 +119,7 @@ def run(folder: Path, providers: list[str] | None = None) -> int:
                 print(f"{label:<32} {provider:<28} FAILED: {str(exc).splitlines()[0][:120]}")
                 status = max(status, 1)
                 continue
+            # The provider the session took first; nodes it does not take fall back to the CPU unseen.
             ran_on = sess.get_providers()[0]
             mean, least = cosines(reference, got, feeds)
             versus_cpu, _ = cosines(on_cpu, got, feeds)

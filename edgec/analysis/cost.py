@@ -27,7 +27,7 @@ _ELEMENTWISE_FLOPS = {
     "GroupNormalization": 8,
     # onnxruntime's fused elementwise ops (com.microsoft)
     "BiasGelu": 11, "FastGelu": 10, "QuickGelu": 5, "BiasAdd": 2, "SkipLayerNormalization": 9,
-    "SkipSimplifiedLayerNormalization": 6, "Sum": 1,
+    "SkipSimplifiedLayerNormalization": 6,
 }
 _MATMULS = ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 _ATTENTIONS = ("Attention", "MultiHeadAttention", "ScaledDotProductAttention")
@@ -102,6 +102,8 @@ def node_flops(node: ir.Node, bindings: dict[str, int]) -> float:
         return 2.0 * _numel(out) * _numel(w[1:])
     if op in _ATTENTIONS:
         return _attention_flops(node, bindings)
+    if op == "Sum" and out is not None:  # variadic: one add per element for each input after the first
+        return float(max(len(node.inputs) - 1, 1) * _numel(out))
     if op in _ELEMENTWISE_FLOPS and out is not None:
         src = _shape(node.inputs[0], bindings) if op.startswith("Reduce") else out
         return float(_ELEMENTWISE_FLOPS[op] * _numel(src))
@@ -115,7 +117,7 @@ def _attention_flops(node: ir.Node, bindings: dict[str, int]) -> float:
     else a third of the weight's columns each)."""
     inputs = list(node.inputs) + [None] * 3
     x = _shape(inputs[0], bindings)
-    if not x or not 3 <= len(x) <= 4:  # (a packed [B, S, heads, 3, head_dim] query is not counted)
+    if not x or not 3 <= len(x) <= 4 or not x[-1]:  # (a packed [B, S, heads, 3, head_dim] query is not counted)
         return 0.0
     if node.op_type == "Attention" and node.domain == "com.microsoft":
         w = _shape(inputs[1], bindings)

@@ -56,7 +56,7 @@ RUN_BATCH = 64
 def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Runs an open onnxruntime session on the feeds it takes (extra arrays are ignored): a model with
     a fixed batch size in chunks of it, others in chunks of RUN_BATCH samples where every input and
-    output has the batch axis (else in one run)."""
+    output names its dim 0 alike (else in one run)."""
     names = [o.name for o in session.get_outputs()]
     inputs = session.get_inputs()
     taken = {i.name: feeds[i.name] for i in inputs if i.name in feeds}
@@ -65,7 +65,9 @@ def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     if len(fixed) > 1 or len(total) != 1 or total == fixed:
         return dict(zip(names, session.run(names, taken)))
     (count,) = total
-    batched = all(o.shape and not isinstance(o.shape[0], int) for o in session.get_outputs())
+    # The batch axis is the one dim every input and output names alike at axis 0.
+    firsts = {(i.shape or [None])[0] for i in inputs if i.name in taken} | {(o.shape or [None])[0] for o in session.get_outputs()}
+    batched = len(firsts) == 1 and isinstance(next(iter(firsts)), str)
     if not fixed and (count <= RUN_BATCH or not batched or not all(np.ndim(v) for v in taken.values())):
         return dict(zip(names, session.run(names, taken)))
     batch = next(iter(fixed), RUN_BATCH)

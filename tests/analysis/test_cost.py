@@ -79,9 +79,17 @@ def test_the_lowered_estimate_falls_with_the_heads(zoo_model, exporter):
     def attention_flops(m) -> float:
         lowered = eir.clone(m)
         PassManager(lowering, PassContext(target=target)).run(lowered)
-        return sum(n.flops for n in model_cost(lowered, bindings).nodes if n.op_type == "Attention")
+        nodes = model_cost(lowered, bindings).nodes
+        # Every GEMM is counted, the O projection reading the fused op's output too.
+        assert all(n.flops > 0 for n in nodes if n.op_type in ("MatMul", "Gemm"))
+        return sum(n.flops for n in nodes if n.op_type == "Attention")
 
     assert attention_flops(pruned) == pytest.approx(attention_flops(model) / 2) and attention_flops(model) > 0
     assert estimate_ms(pruned, target, "fp32", bindings, lowering) < estimate_ms(model, target, "fp32", bindings, lowering)
     # The copy is lowered, not the model itself.
     assert "Attention" not in {node.op_type for node in pruned.graph}
+
+
+def test_a_sum_adds_each_input_after_the_first():
+    flops = _flops(f"g (float[{B},{S},8] a, float[{B},{S},8] b, float[8] c) => (float[{B},{S},8] y)", "y = Sum(a, b, c)")
+    assert flops["Sum"] == 2 * B * S * 8

@@ -50,3 +50,12 @@ def test_a_fixed_batch_runs_in_chunks_of_it():
     out = run_session(session, {"x": x})
     assert session.batches == [2, 2, 2]
     np.testing.assert_array_equal(out["y"], -x)
+
+
+def test_a_dim_that_is_not_the_batch_everywhere_is_not_cut():
+    # y's dim 0 is x's dim 1: cutting x's samples would cut y's other axis.
+    x = np.arange((RUN_BATCH + 8) * 3, dtype=np.float32).reshape(RUN_BATCH + 8, 3)
+    session = _session("g (float[N,S] x) => (float[S,N] y)", "y = Transpose(x)")
+    out = run_session(session, {"x": x})
+    assert session.batches == [RUN_BATCH + 8]
+    np.testing.assert_array_equal(out["y"], x.T)

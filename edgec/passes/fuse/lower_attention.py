@@ -102,6 +102,11 @@ def _onnxruntime(b: Builder, block: AttentionBlock, values: dict[str, ir.Value],
         inputs = [q, k, v] + ([None, None, attention_bias] if attention_bias is not None else [])
         attended = b.op("MultiHeadAttention", *inputs, domain=MS_DOMAIN, num_heads=block.heads, scale=block.scale,
                         meta={FORM_KEY: "onnxruntime"})
+    # ONNX shape inference knows no contrib op: the output's shape is given here, for the analyses
+    # after it (the cost of the O projection reading it).
+    if x.shape is not None:
+        attended.shape = ir.Shape([*x.shape[:-1], width])
+    attended.dtype = x.dtype
     return project(b, attended, block.o, values)
 
 

@@ -440,10 +440,11 @@ def skip_of(model: ir.Model, output: str) -> tuple[str, str] | None:
 
 def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_columns: np.ndarray,
           weight: np.ndarray, bias: np.ndarray | None, original_session, residual: tuple[str, str] | None = None,
-          progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+          progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """Ridge least squares: W' [k, out] and b' [out] with [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b], X' the
     value `x_name` in `current` (kept columns only), X the same value in the original model
-    (`original_session` computes it).
+    (`original_session` computes it). A projection without a bias gets none (b' is None: no Add node
+    is added, and a pruned model's structure does not depend on the refit) unless it keeps no column.
 
     With `residual` (sum, skip), the target is what the original's residual sum needs from the block
     given the skip value the pruned model has now, R - S': the refit then also corrects what the
@@ -454,15 +455,17 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     theirs_fetch = [residual[0]] if use_residual else [x_name]
     mine = session(current, mine_fetch)
     k = len(kept_columns)
-    gram = np.zeros((k + 1, k + 1))
-    cross = np.zeros((k + 1, weight.shape[0] + 1))
-    direct = np.zeros((k + 1, weight.shape[1]))
+    intercept = bias is not None or k == 0
+    width = k + intercept
+    gram = np.zeros((width, width))
+    cross = np.zeros((width, weight.shape[0] + 1))
+    direct = np.zeros((width, weight.shape[1]))
     for start, end in data.spans():
         chunk, mask = data.chunk(start, end)
         now = run_fetch(mine, mine_fetch, chunk)
         before = run_fetch(original_session, theirs_fetch, chunk)
         xk = rows(now[0], mask)[:, kept_columns]
-        xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1)
+        xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1) if intercept else xk
         gram += xa.T @ xa
         if use_residual:
             direct += xa.T @ (rows(before[0], mask) - rows(now[1], mask))
@@ -475,9 +478,11 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     else:
         full = np.concatenate([weight.astype(np.float64), (bias if bias is not None else np.zeros(weight.shape[1]))[None].astype(np.float64)])
         target = cross @ full  # [X'_k, 1]ᵀ [X, 1] [W; b]
-    ridge = RIDGE * max(float(np.mean(np.diag(gram)[:-1])) if k else 0.0, 1e-12)
-    regular = gram + np.diag(np.r_[np.full(k, ridge), 0.0])
+    ridge = RIDGE * max(float(np.mean(np.diag(gram)[:k])) if k else 0.0, 1e-12)
+    regular = gram + np.diag(np.r_[np.full(k, ridge), [0.0] * intercept])
     solved = _solve(regular, target)
+    if not intercept:
+        return solved.astype(weight.dtype), None
     return solved[:-1].astype(weight.dtype), solved[-1].astype(weight.dtype)
 
 
