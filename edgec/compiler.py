@@ -534,8 +534,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
         part = PassManager(text or [], ctx).run(model)
         result.records.extend(part.records)
         result.unsettled.extend(part.unsettled)
-        if text == prune.pipeline():
-            after = estimate_ms(model, target, precision, bindings, lowering)
+    after = estimate_ms(model, target, precision, bindings)  # lowered by now
     estimate = {"before": significant(before), "after": significant(after), "precision": precision,
                 "note": f"roofline estimate on {target.name} of the model as the {backend.name} backend lowers it, "
                         "at the compile's shapes, not a measurement"}

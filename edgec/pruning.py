@@ -11,12 +11,13 @@ in accuracy, and which is cheaper depends on the model and on how much goes. On 
 quarter of both kept 0.9378 where 40% of the FFN neurons alone (a few FLOPs fewer) kept 0.9316.
 With --latency-budget 2.67 on x86-64 (3.30 ms unpruned, 256 sentences; 9 minutes) the search chose
 15% of the heads and 25% of the FFN neurons, cosine 0.9524 on 64 held-out sentences, over 35% of the
-neurons alone (0.9462) and 30% of the heads with 15% (0.9477). The latency is the target's roofline estimate (edgec.targets.cost)
-of the pruned model as the backend lowers it, at the compile's shapes, labelled as an estimate; the
-accuracy is the mean output cosine to the unpruned model on calibration samples held out from the
-candidates' refit (see SEARCH_SAMPLES): the compile's check samples, unless --inputs gives those.
-Each share is binary-searched on the assumption that pruning more of either never helps accuracy. The
-chosen mix is then pruned and refit on all the calibration data but the held-out samples."""
+neurons alone (0.9462) and 30% of the heads with 15% (0.9477). The latency is the target's roofline
+estimate (edgec.targets.cost) of the pruned model as the backend lowers it, at the compile's shapes,
+labelled as an estimate; the accuracy is the mean output cosine to the unpruned model on calibration
+samples held out from the candidates' refit (see SEARCH_SAMPLES): the compile's check samples, unless
+--inputs gives those. Each share is binary-searched on the assumption that pruning more of either
+never helps accuracy. The chosen mix is then pruned and refit on all the calibration data but the
+held-out samples."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def _mask(feeds: dict, output: np.ndarray) -> np.ndarray | None:
 
 
 def cosines(reference: dict, outputs: dict, feeds: dict) -> tuple[float, float]:
-    """Mean and least cosine over samples (tokens, where an attention mask says which are real)."""
+    """Mean and least cosine over samples (tokens, where an attention mask says which are real): what
+    edgec.verify.compare measures, here with numpy alone for a machine without edgec's dependencies."""
     values = []
     for name, expected in reference.items():
         got = outputs[name].astype(np.float64)
