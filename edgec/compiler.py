@@ -250,12 +250,9 @@ def compile_model(
         calib_feeds = _calibration_feeds(options.calib, model) if quantizing or prune is not None else None
         evaluation = _evaluation(options, model) if options.eval is not None else None
         held_out = None
+        batch_multiple = _batch_multiple(model) if prune is not None else 1
         if holding_out:
-            from edgec.quantize.calibrate import fixed_batch_sizes
-            from edgec.verify.inputs import graph_inputs
-
-            fixed = fixed_batch_sizes(graph_inputs(model))
-            calib_feeds, held_out = hold_out(calib_feeds, multiple=max(fixed) if len(fixed) == 1 else 1,
+            calib_feeds, held_out = hold_out(calib_feeds, multiple=batch_multiple,
                                              keep=MIN_CALIBRATION_SAMPLES if quantizing else 1)
             feeds = held_out
             if held_out is calib_feeds:
@@ -264,7 +261,7 @@ def compile_model(
                              "it: give more samples, or --inputs to check on")
             else:
                 count = min(len(v) for v in held_out.values())
-                chose = "; --prune auto chose its mix on them" if prune.auto else ""
+                chose = " and from --prune auto's choice" if prune.auto else ""
                 inputs_source = f"{verify_data} ({count} samples held out from the refit{chose})"
                 notes.append(f"{count} calibration samples were held out from the refit"
                              f"{' and the int8 ranges' if quantizing else ''} to check the pruned model on")
@@ -319,8 +316,6 @@ def compile_model(
                     notes.append(f"calibration inputs {', '.join(cut)} were cut to the static shapes "
                                  "(the artifact sees no more than that)")
                 calib_feeds = fit_feeds(calib_feeds, static_shapes)
-            if held_out is not None:
-                held_out = fit_feeds(held_out, static_shapes)
             if evaluation is not None:
                 evaluation = dataclasses.replace(evaluation, feeds=fit_feeds(evaluation.feeds, static_shapes))
             alt = None  # the artifact takes one shape
@@ -341,8 +336,8 @@ def compile_model(
         if prune is None:
             result = manager.run(model)
         else:
-            result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds, held_out,
-                                                         static_shapes, (pipeline_text, lowering), step)
+            result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds,
+                                                         batch_multiple, static_shapes, (pipeline_text, lowering), step)
         model = result.model
         t = mark("passes", t)
         quantization = None
@@ -507,9 +502,9 @@ def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
 
 
 def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: CompileOptions, target: Target, backend: Backend,
-                      feeds: dict, held_out: dict | None, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
+                      feeds: dict, batch_multiple: int, static_shapes, stages: tuple[str, str], step: Callable[[str], None]):
     """The target's pipeline, then pruning (its heads and FFN shares searched first for --prune auto,
-    measured on `held_out` when the compile holds samples out for its check), then the backend's
+    on calibration samples only: the compile's check samples stay out of the choice), then the backend's
     lowering; returns the combined result, the report's `pruning` entry and the manager whose text
     the report names."""
     from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, PRUNING_KEY
@@ -525,7 +520,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
                         accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step,
-                        lowering=lowering, held_out=held_out)
+                        lowering=lowering, multiple=batch_multiple)
         prune = dataclasses.replace(prune, heads=chosen.heads, ffn=chosen.ffn)
     ctx.options[CALIBRATION_FEEDS_KEY] = feeds
     ctx.options["progress"] = step
@@ -541,6 +536,15 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     manager = PassManager(",".join(p for p in (pipeline_text, prune.pipeline(), lowering) if p), ctx)
     result.model = model
     return result, report(ctx.options.pop(PRUNING_KEY, None), prune, chosen, estimate), manager
+
+
+def _batch_multiple(model) -> int:
+    """The batch size the model fixes, which every share of calibration samples must be a multiple of (else 1)."""
+    from edgec.quantize.calibrate import fixed_batch_sizes
+    from edgec.verify.inputs import graph_inputs
+
+    fixed = fixed_batch_sizes(graph_inputs(model))
+    return max(fixed) if len(fixed) == 1 else 1
 
 
 def _bindings(static_shapes) -> dict[str, int] | None:

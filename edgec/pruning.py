@@ -14,10 +14,10 @@ With --latency-budget 2.67 on x86-64 (3.30 ms unpruned, 256 sentences; 9 minutes
 neurons alone (0.9462) and 30% of the heads with 15% (0.9477). The latency is the target's roofline
 estimate (edgec.targets.cost) of the pruned model as the backend lowers it, at the compile's shapes,
 labelled as an estimate; the accuracy is the mean output cosine to the unpruned model on calibration
-samples held out from the candidates' refit (see SEARCH_SAMPLES): the compile's check samples, unless
---inputs gives those. Each share is binary-searched on the assumption that pruning more of either
-never helps accuracy. The chosen mix is then pruned and refit on all the calibration data but the
-held-out samples."""
+samples held out from the candidates' refit (see SEARCH_SAMPLES), never the compile's check samples:
+the best of many candidates measured on some samples looks better on them than it is. Each share is
+binary-searched on the assumption that pruning more of either never helps accuracy. The chosen mix
+is then pruned and refit on all the calibration data but the compile's check samples."""
 
 from __future__ import annotations
 
@@ -148,14 +148,14 @@ def estimate_ms(model, target, precision: str, bindings: dict[str, int] | None, 
 
 def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: float | None, accuracy_budget: float | None,
            reconstruct: bool, bindings: dict[str, int] | None, step: Callable[[str], None], lowering: str = "",
-           held_out: dict | None = None) -> Search:
+           multiple: int = 1) -> Search:
     """The heads and FFN shares for --prune auto, one mix per heads share of HEAD_RATIOS: with a
     latency budget each mix is the least FFN share that fits it and the one kept is the most accurate
     (checked against the accuracy budget when there is one); with only an accuracy budget each mix is
     the most FFN share that keeps it and the one kept has the least estimated latency. Either way the
     FFN share a mix needs never grows with its heads share, which bounds each binary search. The
-    candidates are refit on `feeds` and measured on `held_out` (the compile's check samples, which no
-    refit sees), or without it on samples of `feeds` held out from their refit."""
+    candidates are refit on some of `feeds` and measured on others (`split_for_search`, shares a
+    multiple of the batch size the model fixes, `multiple`)."""
     from edgec import ir as eir
     from edgec.passes.core import PassContext
     from edgec.passes.manager import PassManager
@@ -164,7 +164,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
 
     ffn_ratios = [round(RATIO_STEP * i, 4) for i in range(int(round(MAX_RATIO / RATIO_STEP)) + 1)]
     found = Search()
-    fit, held_out = split_for_search(feeds, held_out)
+    fit, held_out = split_for_search(feeds, multiple)
     estimates: dict[tuple[float, float], float] = {}
     cosines: dict[tuple[float, float], float] = {}
     measured_ms: dict[tuple[float, float], float] = {}  # the estimates of the copies cosine() pruned
@@ -300,11 +300,13 @@ def hold_out(feeds: dict, multiple: int = 1, keep: int = 1) -> tuple[dict, dict]
     return {k: v[:count - held] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
 
 
-def split_for_search(feeds: dict, held_out: dict | None = None) -> tuple[dict, dict]:
+def split_for_search(feeds: dict, multiple: int = 1) -> tuple[dict, dict]:
     """The calibration samples a budget search refits its candidates on (at most SEARCH_FIT), and those
-    it measures them on: `held_out` when the compile holds samples out for its check, else its own."""
-    rest, held = hold_out(feeds) if held_out is None else (feeds, held_out)
-    fit = min(min((len(v) for v in rest.values()), default=0), SEARCH_FIT)
+    it measures them on (`hold_out`), each a multiple of `multiple` where they can be."""
+    rest, held = hold_out(feeds, multiple)
+    count = min((len(v) for v in rest.values()), default=0)
+    fit = min(count, SEARCH_FIT)
+    fit = fit // multiple * multiple or fit
     return {k: v[:fit] for k, v in rest.items()}, held
 
 

@@ -154,7 +154,10 @@ def test_prune_auto_keeps_an_accuracy_budget_with_the_least_latency(zoo_model, t
     tried = sorted({heads for heads, _ in cosines})
     assert tried == list(HEAD_RATIOS[:len(tried)])
     assert len(tried) == len(HEAD_RATIOS) or cosines[tried[-1], 0.0] < 0.99
-    assert result.report["verification"]["cosine_mean"] >= 0.99
+    # Checked on the compile's 8 held-out samples, which the search measured none of its candidates on.
+    v = result.report["verification"]
+    assert v["inputs"] == f"{calib} (8 samples held out from the refit and from --prune auto's choice)"
+    assert v["cosine_mean"] >= 0.99
 
 
 def test_the_search_measures_candidates_on_samples_it_did_not_refit_them_on():
@@ -168,11 +171,17 @@ def test_the_search_measures_candidates_on_samples_it_did_not_refit_them_on():
     one = {k: v[:1] for k, v in feeds.items()}
     fit, held_out = split_for_search(one)  # nothing to hold out: measured where it was refit
     assert held_out is one and all(np.array_equal(fit[k], one[k]) for k in one)
-    # The compile holds out its check's samples (the last 64) and the search measures on those.
+    # The compile holds out its check's samples (the last 64); the search refits and measures on the
+    # others, so the check sees none of the samples the choice was made on.
     rest, held = hold_out(feeds)
     assert len(rest["input_ids"]) == 600 - SEARCH_SAMPLES and held["input_ids"][0, 0] == (600 - SEARCH_SAMPLES) * 4
-    fit, measured = split_for_search(rest, held)
-    assert measured is held and len(fit["input_ids"]) == SEARCH_FIT
+    fit, measured = split_for_search(rest)
+    assert len(fit["input_ids"]) == SEARCH_FIT and len(measured["input_ids"]) == SEARCH_SAMPLES
+    check = set(held["input_ids"][:, 0])
+    assert not check & set(fit["input_ids"][:, 0]) and not check & set(measured["input_ids"][:, 0])
+    # A batch the model fixes divides the search's parts too.
+    fit, measured = split_for_search({k: v[:100] for k, v in feeds.items()}, multiple=12)
+    assert (len(fit["input_ids"]), len(measured["input_ids"])) == (48, 48)
     # A batch the model fixes divides both parts; quantization keeps its least samples, else none is held out.
     rest, held = hold_out({k: v[:120] for k, v in feeds.items()}, multiple=8)
     assert (len(rest["input_ids"]), len(held["input_ids"])) == (64, 56)
