@@ -149,12 +149,18 @@ def op_counts(path: Path) -> dict:
 
 
 def session_options(threads: int | None):
-    """The one SessionOptions every timed session is created with: onnxruntime's defaults (ORT_ENABLE_ALL)."""
+    """The one SessionOptions every timed session is created with: onnxruntime's defaults (ORT_ENABLE_ALL)
+    but for spinning. After a call, a session's worker threads spin waiting for more work and take a
+    core from whichever session runs next: timed round-robin, MiniLM int8 came out at 39 ms and half
+    its FFN neurons gone at 41 ms, against 25 ms and 19.5 ms without spinning, and 24-25 ms and
+    19-30 ms for each alone in its own process with spinning (fp32 moved less: 68 and 47 ms against
+    63 and 43). See interleaved_medians."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     # Silent: the only warning expected is that a saved session graph is hardware-specific, which is known.
     opts.log_severity_level = 4
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     return opts
@@ -185,7 +191,9 @@ def interleaved_medians(sessions: dict[str, object], feeds: dict[str, np.ndarray
     right after an unmeasured one of the same session. Without it the alternation is unfair: after a
     call, onnxruntime's worker threads keep spinning, and the next session waits for its cores. Six
     MiniLM variants timed strictly in turn put the unpruned fp32 model at 196 ms and pruned ones at
-    2.9-3.6x; with the unmeasured call, 97 ms and 1.8-2.4x (the same models alone in pairs: 115-123 ms)."""
+    2.9-3.6x; with the unmeasured call, 97 ms and 1.8-2.4x (the same models alone in pairs: 115-123 ms).
+    The unmeasured call is not enough for fast (int8) models: time sessions made with session_options,
+    which turns spinning off."""
     calls = []
     for name, sess in sessions.items():
         wanted = {i.name for i in sess.get_inputs()}
