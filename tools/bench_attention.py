@@ -140,7 +140,7 @@ def cost_curve(models: dict[str, ir.Model], args) -> list[dict]:
     rows = []
     for length in args.lengths:
         with stage(f"long BERT, {length} tokens: FLOPs, errors, {args.runs} interleaved runs"):
-            sessions = {name: ort_session(model, threads=args.threads) for name, model in models.items()}
+            sessions = {name: ort_session(model, threads=args.threads, spinning=False) for name, model in models.items()}
             feeds = random_feeds(models["exact"], length, LONG_BERT["vocab_size"])
             outputs = {name: run_session(session, feeds) for name, session in sessions.items()}
             ms = interleaved_medians(sessions, feeds, args.runs, args.warmup)

@@ -22,7 +22,10 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 
 
-def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, threads: int | None = None):
+def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, threads: int | None = None,
+                spinning: bool = True):
+    """A CPU onnxruntime session of `model`. `spinning=False` stops its worker threads spinning after a
+    run: sessions timed in turn then do not take each other's cores (see tools/bench_fusion.py)."""
     import onnxruntime as ort
 
     # Kernel failures are reported to the user as one line; onnxruntime's own log would add a second.
@@ -33,6 +36,8 @@ def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, t
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, ir.Model):
         if eir.initializer_bytes(model) > eir.EXTERNAL_DATA_THRESHOLD:
             with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:

@@ -59,3 +59,18 @@ def test_a_dim_that_is_not_the_batch_everywhere_is_not_cut():
     out = run_session(session, {"x": x})
     assert session.batches == [RUN_BATCH + 8]
     np.testing.assert_array_equal(out["y"], x.T)
+
+
+def test_a_session_for_timing_in_turn_does_not_spin():
+    model = graph("g (float[N,4] x) => (float[N,4] y)", "y = Relu(x)")
+    quiet, default = ort_session(model, spinning=False), ort_session(model)
+
+    def spinning(session) -> str | None:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # not set: onnxruntime's default, spinning
+            return None
+
+    assert spinning(quiet) == "0" and spinning(default) in (None, "1")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) - 4
+    np.testing.assert_array_equal(run_session(quiet, {"x": x})["y"], run_session(default, {"x": x})["y"])
