@@ -249,7 +249,6 @@ def compile_model(
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
         calib_feeds = _calibration_feeds(options.calib, model) if quantizing or prune is not None else None
         evaluation = _evaluation(options, model) if options.eval is not None else None
-        held_out = None
         batch_multiple = _batch_multiple(model) if prune is not None else 1
         if holding_out:
             calib_feeds, held_out = hold_out(calib_feeds, multiple=batch_multiple,

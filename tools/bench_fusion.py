@@ -157,10 +157,12 @@ def session_options(threads: int | None):
     63 and 43). See interleaved_medians."""
     import onnxruntime as ort
 
+    from edgec.verify import NO_SPINNING
+
     opts = ort.SessionOptions()
     # Silent: the only warning expected is that a saved session graph is hardware-specific, which is known.
     opts.log_severity_level = 4
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry(*NO_SPINNING)
     if threads:
         opts.intra_op_num_threads = threads
     return opts

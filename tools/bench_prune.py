@@ -259,6 +259,10 @@ def goals(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
         return (f"{row.key}: {row.metrics['speedup']:.2f}x, cos {row.metrics['embedding_cosine_mean']:.4f}, "
                 f"probe {-row.metrics['probe_drop']:+.1f} points")
 
+    def closest(candidates: list[Row]) -> list[Row]:
+        """The row of `candidates` with the highest embedding cosine (none when there are none)."""
+        return [max(candidates, key=lambda r: r.metrics["embedding_cosine_mean"])] if candidates else []
+
     fp32 = [r for r in live if r.pruned and r.precision == "fp32"]
     ok = [r for r in fp32 if r.metrics["speedup"] >= GOAL_PRUNE_SPEEDUP and r.metrics["embedding_cosine_mean"] >= GOAL_PRUNE_COS
           and r.metrics["probe_drop"] <= GOAL_PROBE_POINTS]
@@ -279,8 +283,7 @@ def goals(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
     ok = [r for r in int8 if r.metrics["speedup"] >= GOAL_INT8_SPEEDUP and r.metrics["probe_drop"] <= GOAL_PROBE_POINTS]
     checks.append((f"a pruned int8 row >= {GOAL_INT8_SPEEDUP}x faster than unpruned fp32, probe at most "
                    f"{GOAL_PROBE_POINTS:g} points below fp32",
-                   f"{len(ok)} rows; " + (f"fastest qualifying: {best(ok)}; closest qualifying: "
-                                          f"{best([max(ok, key=lambda r: r.metrics['embedding_cosine_mean'])])}"
+                   f"{len(ok)} rows; " + (f"fastest qualifying: {best(ok)}; closest qualifying: {best(closest(ok))}"
                                           if ok else f"best by speedup: {best(int8)}"),
                    bool(ok) if int8 else None))
     # The probe alone passes models that no longer compute what the original did (at 75% of both it
@@ -288,7 +291,7 @@ def goals(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
     ok = [r for r in ok if r.metrics["embedding_cosine_mean"] >= GOAL_PRUNE_COS]
     checks.append((f"the int8 goal with the fp32 goal's embedding cosine mean >= {GOAL_PRUNE_COS} too",
                    f"{len(ok)} rows; {'best qualifying' if ok else 'the closest'}: "
-                   f"{best(ok or [max(int8, key=lambda r: r.metrics['embedding_cosine_mean'])] if int8 else [])}",
+                   f"{best(ok or closest(int8))}",
                    bool(ok) if int8 else None))
     return checks
 

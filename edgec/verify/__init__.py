@@ -22,6 +22,10 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 
 
+# The session option that stops onnxruntime's worker threads spinning after a run (timed sessions set it).
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, threads: int | None = None,
                 spinning: bool = True):
     """A CPU onnxruntime session of `model`. `spinning=False` stops its worker threads spinning after a
@@ -37,7 +41,7 @@ def ort_session(model: ir.Model | str | os.PathLike, *, optimize: bool = True, t
     if threads:
         opts.intra_op_num_threads = threads
     if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry(*NO_SPINNING)
     if isinstance(model, ir.Model):
         if eir.initializer_bytes(model) > eir.EXTERNAL_DATA_THRESHOLD:
             with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:
