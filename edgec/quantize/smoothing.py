@@ -13,6 +13,13 @@ with Q the activation scheme's per-tensor fake quantization (its range the min/m
 every calibration row seen) and int8 symmetric weights per output channel. No smoothing is a
 candidate too: an activation that no alpha improves by at least MIN_GAIN is left alone (a smaller
 gain on a sample of rows is noise, and the smoothing Mul is not free).
+
+The channel maxima and the ranges are those of every calibration sample, as the calibration that
+follows takes its ranges: maxima from some samples leave a channel whose outliers only the others
+show unsmoothed, and its outliers then set the smoothed activation's whole range. On
+all-MiniLM-L6-v2 calibrated on 1024 news sentences and then 135 movie-review sentences, maxima from
+the first 64 samples kept int8 at 0.978 embedding cosine on other movie-review sentences (0.985 with
+the reviews first, 0.981 to 0.991 from 64 samples spread over the data), from all of them 0.997.
 """
 
 from __future__ import annotations
@@ -103,10 +110,19 @@ def output_error(x: np.ndarray, w: np.ndarray, low: np.ndarray, high: np.ndarray
     return float(((got - reference) ** 2).sum() / max(float((reference ** 2).sum()), np.finfo(np.float32).tiny))
 
 
+def spread(total: int, count: int) -> np.ndarray:
+    """`count` sample indices of `total` (all of them when there are no more), evenly spaced from the first to the last."""
+    if count >= total:
+        return np.arange(total)
+    return np.linspace(0, total - 1, count).round().astype(np.int64)
+
+
 def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "uint8", per_channel: bool = True,
-           weight_qmax: int = 127, samples: int = 64, rows: int = 2048, batch_size: int = 8, alphas: tuple[float, ...] = ALPHAS,
+           weight_qmax: int = 127, samples: int | None = None, rows: int = 2048, batch_size: int = 8, alphas: tuple[float, ...] = ALPHAS,
            exclude: tuple[str, ...] = (), progress: Progress | None = None, seed: int = 0) -> Smoothing:
-    """The alpha of every smoothable activation of `model`, measured on the first `samples` of `feeds`.
+    """The alpha of every smoothable activation of `model`, measured on every sample of `feeds`, or
+    on `samples` of them spread evenly over them (`spread`: calibration data often holds several
+    sources in turn, and its first samples would be one of them).
 
     The float model runs once over those samples in batches of `batch_size` (memory: one batch of the
     activations plus `rows` kept rows of each)."""
@@ -120,7 +136,9 @@ def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "u
     weights = {name: np.concatenate([constant_array(r.inputs[1]).astype(np.float32)
                                      for r in readers(values[name], options)], axis=1) for name in names}
     wanted = {i.name for i in model.graph.inputs if i.name not in model.graph.initializers}
-    count = min(samples, *(len(v) for k, v in feeds.items() if k in wanted))
+    total = min(len(v) for k, v in feeds.items() if k in wanted)
+    picked = spread(total, total if samples is None else samples)
+    count = len(picked)
     batch_size = batch_size_for(model.graph.inputs, batch_size, count)
     batches = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
@@ -136,7 +154,7 @@ def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "u
     per_batch = -(-rows // len(batches))
     for i, (start, stop) in enumerate(batches):
         report(i, len(batches) + len(names), "choosing smoothing (collecting activations)")
-        batch = {k: v[start:stop] for k, v in feeds.items() if k in wanted}
+        batch = {k: v[picked[start:stop]] for k, v in feeds.items() if k in wanted}
         arrays = dict(zip(computed, session.run(computed, batch))) if computed else {}
         for name in names:
             collected[name].add(arrays[name] if name in arrays else batch[name], per_batch, rng)
