@@ -616,3 +616,12 @@ def _mse_asymmetric(hist: np.ndarray, width: float, low: float, high: float, qma
         elif side == "low" and lows is not None:
             low = _search(lows, lambda lo: cost(lo, np.full_like(lo, high)))
     return (float(low), float(high))
+
+
+def spread(total: int, count: int) -> np.ndarray:
+    """`count` sample indices of `total` (all of them when there are no more), evenly spaced from the
+    first to the last: calibration data often holds several sources in turn, and its first samples
+    would be one of them."""
+    if count >= total:
+        return np.arange(total)
+    return np.linspace(0, total - 1, count).round().astype(np.int64)

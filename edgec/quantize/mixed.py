@@ -30,6 +30,7 @@ import onnx_ir as ir
 from edgec import ir as eir
 from edgec.passes.core import PassContext
 from edgec.passes.quantize.insert_qdq import RANGES_KEY, WIDE_RANGES_KEY, InsertQdqOptions, InsertQdqPass, _plan
+from edgec.quantize.calibrate import spread
 from edgec.verify import compare, ort_session, run_session, token_mask
 
 Progress = Callable[[int, int, str], None]
@@ -141,8 +142,8 @@ def assign(model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tupl
     """The assignment with the most ops on the lowest rungs of `ladder` (see the module's docstring)
     that meets `budget` on `evaluation` (default: the mean output cosine on `feeds`).
 
-    Sensitivities only rank the ops, so they are measured on the first `sensitivity_samples` of
-    `feeds` (one run per op and rung); the budget is checked on all of the evaluation data."""
+    Sensitivities only rank the ops, so they are measured on `sensitivity_samples` of `feeds`, spread
+    over them (one run per op and rung); the budget is checked on all of the evaluation data."""
     if tuple(ladder) != ladder_of(ladder):
         raise ValueError(f"ladder {ladder!r} is not in {LADDER} order from int8 to fp32")
     report = progress or (lambda done, total, message: None)
@@ -150,7 +151,8 @@ def assign(model: ir.Model, options: InsertQdqOptions, ranges: Mapping[str, tupl
     eir.name_nodes(model)  # ops are told apart, and kept in float, by name
     reference = run_session(ort_session(model), evaluation.feeds)
     float_value = evaluation.score(reference, reference)
-    few = {k: v[:sensitivity_samples] for k, v in feeds.items()}
+    picked = spread(min(len(v) for v in feeds.values()), sensitivity_samples)
+    few = {k: v[picked] for k, v in feeds.items()}
     few_reference = run_session(ort_session(model), few)
     rewrites, _ = _plan(model, options)
     names = [r.node.name for r in rewrites]

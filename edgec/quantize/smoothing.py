@@ -34,7 +34,7 @@ from edgec import ir as eir
 from edgec.passes.cleanup._util import constant_array
 from edgec.passes.quantize.insert_qdq import SCHEMES, activation_params, quantize_weight
 from edgec.passes.quantize.smooth_quant import SmoothQuantOptions, readers, smooth_scale, smoothable
-from edgec.quantize.calibrate import batch_size_for
+from edgec.quantize.calibrate import batch_size_for, spread
 from edgec.verify import ort_session
 
 Progress = Callable[[int, int, str], None]
@@ -110,19 +110,11 @@ def output_error(x: np.ndarray, w: np.ndarray, low: np.ndarray, high: np.ndarray
     return float(((got - reference) ** 2).sum() / max(float((reference ** 2).sum()), np.finfo(np.float32).tiny))
 
 
-def spread(total: int, count: int) -> np.ndarray:
-    """`count` sample indices of `total` (all of them when there are no more), evenly spaced from the first to the last."""
-    if count >= total:
-        return np.arange(total)
-    return np.linspace(0, total - 1, count).round().astype(np.int64)
-
-
 def choose(model: ir.Model, feeds: Mapping[str, np.ndarray], *, scheme: str = "uint8", per_channel: bool = True,
            weight_qmax: int = 127, samples: int | None = None, rows: int = 2048, batch_size: int = 8, alphas: tuple[float, ...] = ALPHAS,
            exclude: tuple[str, ...] = (), progress: Progress | None = None, seed: int = 0) -> Smoothing:
     """The alpha of every smoothable activation of `model`, measured on every sample of `feeds`, or
-    on `samples` of them spread evenly over them (`spread`: calibration data often holds several
-    sources in turn, and its first samples would be one of them).
+    on `samples` of them spread over them (`spread`).
 
     The float model runs once over those samples in batches of `batch_size` (memory: one batch of the
     activations plus `rows` kept rows of each)."""

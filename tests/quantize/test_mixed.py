@@ -5,6 +5,7 @@ import onnx_ir as ir
 import pytest
 
 from edgec.passes.quantize.insert_qdq import InsertQdqOptions, quantizable_activations
+from edgec.quantize.calibrate import spread
 from edgec.quantize.mixed import Assignment, assign, quantized
 from edgec.testing import graph
 from edgec.verify import compare, run_model
@@ -119,17 +120,23 @@ def test_sensitivity_is_the_error_of_the_op_quantized_alone(setup):
     assert max(sensitivity, key=sensitivity.get) == BAD
     assert sensitivity[BAD] > 10 * max(s for n, s in sensitivity.items() if n != BAD)
     others = tuple(n for n in NAMES if n != BAD)
-    assert sensitivity[BAD] == pytest.approx(1 - cosines(m, {k: v[:8] for k, v in feeds.items()}, ranges, others)[0])
+    picked = spread(min(len(v) for v in feeds.values()), 8)
+    assert sensitivity[BAD] == pytest.approx(1 - cosines(m, {k: v[picked] for k, v in feeds.items()}, ranges, others)[0])
 
 
-def test_sensitivities_are_measured_on_the_first_samples_only(setup):
+def test_sensitivities_are_measured_on_samples_spread_over_the_data_only(setup):
     m, feeds, ranges = setup
     samples = min(len(v) for v in feeds.values())
-    assert samples > 2
+    assert samples > 3
     few = assign(m, OPTIONS, ranges, feeds, 0.0, sensitivity_samples=2)
-    others = tuple(n for n in NAMES if n != BAD)
-    bad = next(c for c in few.choices if c.node == BAD)
-    assert bad.sensitivity == pytest.approx(1 - cosines(m, {k: v[:2] for k, v in feeds.items()}, ranges, others)[0])
+    ends = {k: v[[0, samples - 1]] for k, v in feeds.items()}  # the first sample and the last
+    heads = {k: v[:2] for k, v in feeds.items()}
+    differ = 0
+    for choice in few.choices:
+        others = tuple(n for n in NAMES if n != choice.node)
+        assert choice.sensitivity == pytest.approx(1 - cosines(m, ends, ranges, others)[0], abs=1e-9)
+        differ += choice.sensitivity != pytest.approx(1 - cosines(m, heads, ranges, others)[0], abs=1e-9)
+    assert differ  # the first two samples would have measured otherwise
 
 
 def test_ops_the_user_excluded_are_no_choice(setup):

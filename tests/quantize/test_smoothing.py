@@ -8,8 +8,8 @@ from edgec import ir as eir
 from edgec.passes.core import PassContext
 from edgec.passes.quantize.insert_qdq import RANGES_KEY, InsertQdqOptions, InsertQdqPass, quantizable_activations
 from edgec.passes.quantize.smooth_quant import CHANNEL_ABSMAX_KEY, SMOOTH_ALPHAS_KEY, SmoothQuantPass
-from edgec.quantize.calibrate import calibrate
-from edgec.quantize.smoothing import choose, output_error, spread
+from edgec.quantize.calibrate import calibrate, spread
+from edgec.quantize.smoothing import choose, output_error
 from edgec.testing import graph
 from edgec.verify import run_model
 
