@@ -290,24 +290,36 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
 
 
 def hold_out(feeds: dict, multiple: int = 1, keep: int = 1) -> tuple[dict, dict]:
-    """The calibration samples to refit on and those held out to measure the result on: the last
-    SEARCH_SAMPLES, at most half, a multiple of `multiple` (a batch size the model fixes), leaving at
-    least `keep`. Where none can be held out, all of them both."""
+    """The calibration samples to refit on and those held out to measure the result on: SEARCH_SAMPLES
+    spread over them (data of several sources in turn, or sorted by length, is measured on all of
+    it), at most half, a multiple of `multiple` (a batch size the model fixes), leaving at least
+    `keep`. Where none can be held out, all of them both."""
     count = min((len(v) for v in feeds.values()), default=0)
     held = min(SEARCH_SAMPLES, count // 2, count - keep) // multiple * multiple
     if held <= 0:
         return feeds, feeds
-    return {k: v[:count - held] for k, v in feeds.items()}, {k: v[count - held:count] for k, v in feeds.items()}
+    return _split(feeds, count, held)
 
 
 def split_for_search(feeds: dict, multiple: int = 1) -> tuple[dict, dict]:
-    """The calibration samples a budget search refits its candidates on (at most SEARCH_FIT), and those
-    it measures them on (`hold_out`), each a multiple of `multiple` where they can be."""
+    """The calibration samples a budget search refits its candidates on (at most SEARCH_FIT, spread
+    over them), and those it measures them on (`hold_out`), each a multiple of `multiple` where they can be."""
     rest, held = hold_out(feeds, multiple)
     count = min((len(v) for v in rest.values()), default=0)
     fit = min(count, SEARCH_FIT)
     fit = fit // multiple * multiple or fit
-    return {k: v[:fit] for k, v in rest.items()}, held
+    return _split(rest, count, fit)[1], held
+
+
+def _split(feeds: dict, count: int, picked: int) -> tuple[dict, dict]:
+    """(the other samples, `picked` samples spread over the first `count`), each in their order."""
+    import numpy as np
+
+    from edgec.quantize.calibrate import spread
+
+    chosen = np.zeros(count, dtype=bool)
+    chosen[spread(count, picked)] = True
+    return {k: v[:count][~chosen] for k, v in feeds.items()}, {k: v[:count][chosen] for k, v in feeds.items()}
 
 
 def report(records: dict | None, request: PruneRequest, chosen: Search | None, estimate: dict | None) -> dict:

@@ -62,7 +62,9 @@ def test_prune_ratios_remove_heads_and_neurons_and_the_report_lists_them(zoo_mod
     # refit saw: the last half of these 16.
     v = result.report["verification"]
     assert v["inputs"] == f"{calib} (8 samples held out from the refit)" and v["tolerance"]["min_cosine_mean"] == NO_BUDGET
-    held = {k: v[8:] for k, v in np.load(calib).items()}
+    with np.load(calib) as data:
+        _, held = hold_out(dict(data))
+    assert len(held["input_ids"]) == 8
     check = compare(run_model(load_onnx(source), held), run_model(load_onnx(result.artifact.path), held), token_mask(held))
     assert v["cosine_mean"] == pytest.approx(check["cosine_mean"], abs=1e-6)
     assert "remove-attention-heads{ratio=0.5}" in result.report["pipeline"]
@@ -171,12 +173,16 @@ def test_the_search_measures_candidates_on_samples_it_did_not_refit_them_on():
     one = {k: v[:1] for k, v in feeds.items()}
     fit, held_out = split_for_search(one)  # nothing to hold out: measured where it was refit
     assert held_out is one and all(np.array_equal(fit[k], one[k]) for k in one)
-    # The compile holds out its check's samples (the last 64); the search refits and measures on the
-    # others, so the check sees none of the samples the choice was made on.
+    # The compile holds out its check's samples (64, from the first to the last: data of several
+    # sources in turn is checked on each); the search refits and measures on the others, so the
+    # check sees none of the samples the choice was made on.
     rest, held = hold_out(feeds)
-    assert len(rest["input_ids"]) == 600 - SEARCH_SAMPLES and held["input_ids"][0, 0] == (600 - SEARCH_SAMPLES) * 4
+    assert len(rest["input_ids"]) == 600 - SEARCH_SAMPLES and (held["input_ids"][[0, -1], 0] == [0, 599 * 4]).all()
+    assert np.diff(held["input_ids"][:, 0] // 4).max() <= 10  # no stretch of the data left out
     fit, measured = split_for_search(rest)
     assert len(fit["input_ids"]) == SEARCH_FIT and len(measured["input_ids"]) == SEARCH_SAMPLES
+    where = np.searchsorted(rest["input_ids"][:, 0], fit["input_ids"][:, 0])  # the fit spans the rest
+    assert where[0] <= 2 and where[-1] >= len(rest["input_ids"]) - 3 and np.diff(where).max() <= 3
     check = set(held["input_ids"][:, 0])
     assert not check & set(fit["input_ids"][:, 0]) and not check & set(measured["input_ids"][:, 0])
     # A batch the model fixes divides the search's parts too.
