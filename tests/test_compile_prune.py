@@ -127,6 +127,12 @@ def test_prune_auto_meets_a_latency_budget_with_the_most_accurate_least_pruning(
     for heads, ffn in cosines:
         assert estimates[heads, ffn] <= budget
         assert ffn == 0 or estimates[heads, round(ffn - RATIO_STEP, 4)] > budget
+    # A mix only estimated had its FFN share taken without ranking (the first neurons of each layer):
+    # the estimate is that of the mix pruned as a compile prunes it.
+    heads, ffn = next(mix for mix in estimates if mix not in cosines and mix[1] and mix[1] != MAX_RATIO)
+    compiled = compile_model(source, _options(tmp_path, prune=f"heads={heads:g},ffn={ffn:g}", calib=calib,
+                                              accuracy_budget=NO_BUDGET))
+    assert estimates[heads, ffn] == pytest.approx(compiled.report["pruning"]["estimated_latency_ms"]["after"], rel=1e-5)
 
     with pytest.raises(UserError, match="out of reach"):
         compile_model(source, _options(tmp_path, prune="auto", latency_budget_ms=before * 1e-6, calib=calib))

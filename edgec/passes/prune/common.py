@@ -43,6 +43,11 @@ PRUNING_KEY = "pruning"
 # The model as it was before the first pruning pass of a pipeline: every later refit reproduces its
 # layers, so the FFN refit after head removal also absorbs the error the removed heads left.
 REFERENCE_KEY = "prune_reference"
+# A dict in which pruning passes keep the unpruned model's values between runs on the same data (a
+# budget search refits many candidates against the same model; see `reference`), and the most memory
+# those values may take.
+REFERENCE_VALUES_KEY = "prune_reference_values"
+REFERENCE_BYTES = 1 << 30
 # Ridge term of the refit, relative to the mean diagonal of the Gram matrix: keeps the solve stable
 # when kept columns are nearly collinear (GELU neurons that are almost never active).
 RIDGE = 1e-4
@@ -219,24 +224,77 @@ def session(model: ir.Model, fetch: list[str]):
     return ort_session(runnable)
 
 
-def reference_session(model: ir.Model, ctx, fetch: list[str]):
-    """A session computing `fetch` in the unpruned model (kept in ctx by the first pruning pass), or
-    in `model` when those values are not the unpruned model's (a block an earlier run rebuilt)."""
+def reference(model: ir.Model, ctx, fetch: list[str]) -> "Reference":
+    """The values in `fetch` as the unpruned model computes them (the model kept in ctx by the first
+    pruning pass), or as `model` does when those values are not the unpruned model's (a block an earlier
+    run rebuilt). A Reference under REFERENCE_VALUES_KEY (a budget search shares one between the
+    candidates it refits on the same data) is reused when it is of the same model, data and values."""
     from edgec import ir as eir
 
-    owner, reference = ctx.options.get(REFERENCE_KEY) or (None, None)
+    owner, unpruned = ctx.options.get(REFERENCE_KEY) or (None, None)
     if owner is not model:  # a context reused for another model starts afresh
-        reference = eir.clone(model)
-        ctx.options[REFERENCE_KEY] = (model, reference)
+        unpruned = eir.clone(model)
+        ctx.options[REFERENCE_KEY] = (model, unpruned)
 
     def widths(m: ir.Model) -> dict[str, object]:
         return {v.name: (v.shape[-1] if v.shape is not None and len(v.shape) else None)
                 for node in m.graph for v in node.outputs if v.name in fetch}
 
     # The same values, as wide as now: not cut by an earlier run (which the ledger remembers instead).
-    theirs, mine = widths(reference), widths(model)
+    theirs, mine = widths(unpruned), widths(model)
     same = all(theirs.get(name) is not None and theirs.get(name) == mine.get(name) for name in fetch)
-    return session(reference if same else model, fetch)
+    feeds = calibration_feeds(ctx, "pruning")
+    if not same:
+        return Reference(eir.clone(model), feeds, fetch)  # as it is now: the refits change `model`
+    shared = ctx.options.get(REFERENCE_VALUES_KEY)
+    if shared is None:
+        return Reference(unpruned, feeds, fetch)
+    kept = shared.get("reference")
+    if kept is None or kept.model is not unpruned or kept.feeds is not feeds or kept.fetch != list(dict.fromkeys(fetch)):
+        kept = shared["reference"] = Reference(unpruned, feeds, fetch)
+    return kept
+
+
+class Reference:
+    """Values of a model over the calibration batches, at their real tokens, for the refits to reproduce.
+
+    onnxruntime runs every node of a session whatever outputs are asked for, so a refit that ran the
+    unpruned model for its own layer's value would run all of it, once per layer. Instead the first
+    request runs it once for every value and keeps them (float32, as computed) when they take at most
+    REFERENCE_BYTES; otherwise each request runs a session cut down to its value."""
+
+    def __init__(self, model: ir.Model, feeds: Mapping[str, np.ndarray], fetch: list[str]):
+        self.model, self.feeds, self.fetch = model, feeds, list(dict.fromkeys(fetch))
+        self.batches = _Batches(feeds, model)
+        self.kept: dict[tuple[int, int], list[np.ndarray]] | None = None
+        self.tried = False
+        self._sessions: dict[str, object] = {}
+
+    def rows(self, name: str, batches: "_Batches", start: int, end: int, chunk: dict[str, np.ndarray],
+             mask: np.ndarray | None, progress: Progress = lambda m: None) -> np.ndarray:
+        """`name`'s rows (float64) in batch [start, end) of `batches` (inputs `chunk`, token mask `mask`)."""
+        if not self.tried:
+            self.tried = True
+            self.kept = self._keep(progress)
+        same = batches.samples == self.batches.samples and np.array_equal(batches.order, self.batches.order)
+        if self.kept is not None and same and (start, end) in self.kept and name in self.fetch:
+            return self.kept[start, end][self.fetch.index(name)].astype(np.float64)
+        if name not in self._sessions:
+            self._sessions[name] = session(self.model, [name])
+        return rows(run_fetch(self._sessions[name], [name], chunk)[0], mask)
+
+    def _keep(self, progress: Progress) -> dict[tuple[int, int], list[np.ndarray]] | None:
+        data, kept, size = self.batches, {}, 0
+        sess = session(self.model, self.fetch)
+        for start, end in data.spans():
+            chunk, mask = data.chunk(start, end)
+            arrays = [rows(a, mask).astype(np.float32) for a in run_fetch(sess, self.fetch, chunk)]
+            size += sum(a.nbytes for a in arrays)
+            if size > REFERENCE_BYTES or size * data.samples > REFERENCE_BYTES * end:  # at this rate all would not fit
+                return None
+            kept[start, end] = arrays
+            progress(f"running the unpruned model {end}/{data.samples}")
+        return kept
 
 
 def run_fetch(sess, fetch: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -439,11 +497,11 @@ def skip_of(model: ir.Model, output: str) -> tuple[str, str] | None:
 
 
 def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_columns: np.ndarray,
-          weight: np.ndarray, bias: np.ndarray | None, original_session, residual: tuple[str, str] | None = None,
+          weight: np.ndarray, bias: np.ndarray | None, original: Reference, residual: tuple[str, str] | None = None,
           progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """Ridge least squares: W' [k, out] and b' [out] with [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b], X' the
     value `x_name` in `current` (kept columns only), X the same value in the original model
-    (`original_session` computes it). A projection without a bias gets none (b' is None: no Add node
+    (`original` holds it). A projection without a bias gets none (b' is None: no Add node
     is added, and a pruned model's structure does not depend on the refit) unless it keeps no column.
 
     With `residual` (sum, skip), the target is what the original's residual sum needs from the block
@@ -452,7 +510,7 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     data = _Batches(feeds, current)
     use_residual = residual is not None
     mine_fetch = [x_name, residual[1]] if use_residual else [x_name]
-    theirs_fetch = [residual[0]] if use_residual else [x_name]
+    theirs = residual[0] if use_residual else x_name
     mine = session(current, mine_fetch)
     k = len(kept_columns)
     intercept = bias is not None or k == 0
@@ -463,14 +521,14 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     for start, end in data.spans():
         chunk, mask = data.chunk(start, end)
         now = run_fetch(mine, mine_fetch, chunk)
-        before = run_fetch(original_session, theirs_fetch, chunk)
+        before = original.rows(theirs, data, start, end, chunk, mask, progress)
         xk = rows(now[0], mask)[:, kept_columns]
         xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1) if intercept else xk
         gram += xa.T @ xa
         if use_residual:
-            direct += xa.T @ (rows(before[0], mask) - rows(now[1], mask))
+            direct += xa.T @ (before - rows(now[1], mask))
         else:
-            xo = rows(before[0], mask)
+            xo = before
             cross += xa.T @ np.concatenate([xo, np.ones((xo.shape[0], 1))], axis=1)
         progress(f"refitting {what} {end}/{data.samples}")
     if use_residual:

@@ -128,7 +128,7 @@ class RemoveAttentionHeadsPass(Pass):
         skips = [common.skip_of(model, block.output) for _, block, _ in plan]
         if opts.reconstruct:
             fetch = [block.o.input for _, block, _ in plan] + [skip[0] for skip in skips if skip is not None]
-            original = common.reference_session(model, ctx, fetch)
+            original = common.reference(model, ctx, fetch)
         for i, (layer, block, units) in enumerate(plan):
             kept = [u for u in range(block.kv_heads) if u not in units]
             o_weight = o_bias = None

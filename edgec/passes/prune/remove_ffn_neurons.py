@@ -226,7 +226,7 @@ class RemoveFfnNeuronsPass(Pass):
         feeds = common.calibration_feeds(ctx, self.name) if opts.reconstruct else None
         skips = [common.skip_of(model, block.output) for block, _ in plan]
         fetch = [block.down.input for block, _ in plan] + [skip[0] for skip in skips if skip is not None]
-        original = common.reference_session(model, ctx, fetch) if opts.reconstruct else None
+        original = common.reference(model, ctx, fetch) if opts.reconstruct else None
         for i, (block, units) in enumerate(plan):
             kept = np.setdiff1d(np.arange(block.intermediate), units)
             weight = bias = None

@@ -131,3 +131,62 @@ def test_cut_batches_measure_what_padded_ones_do(zoo_model, exporter, monkeypatc
         np.testing.assert_allclose(measured.gram, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
         energy = float((common.rows(full[r_name], real) ** 2).sum()) / len(x)
         assert measured.residual_energy == pytest.approx(energy, rel=1e-5)
+
+
+def _pruned_both_ways(model, feeds, monkeypatch, limit: int) -> ir.Model:
+    from edgec import ir as eir
+    from edgec.passes.manager import PassManager
+
+    monkeypatch.setattr(common, "REFERENCE_BYTES", limit)
+    copy = eir.clone(model)
+    PassManager("remove-attention-heads{ratio=0.3},remove-ffn-neurons{ratio=0.4}",
+                PassContext(options={common.CALIBRATION_FEEDS_KEY: feeds})).run(copy)
+    return copy
+
+
+def test_refits_on_the_kept_unpruned_values_equal_those_that_run_the_model_again(zoo_model, monkeypatch):
+    """Kept (float32, as computed) or computed again by a session cut to each refit's layer (which
+    onnxruntime may fuse otherwise: the last bits differ), the unpruned model's values are the same,
+    and so is the pruned model."""
+    from edgec.verify import run_model
+
+    path = zoo_model("bert", "torchscript")
+    model = cleaned(path)
+    feeds = zoo.zoo_inputs("bert", path, batch=12, seed=3)
+    monkeypatch.setattr(common, "BATCH", 4)
+    kept_runs = []
+    keep = common.Reference._keep
+    monkeypatch.setattr(common.Reference, "_keep", lambda self, progress: kept_runs.append(keep(self, progress)) or kept_runs[-1])
+    kept = _pruned_both_ways(model, feeds, monkeypatch, 1 << 30)
+    assert len(kept_runs) == 2 and all(run is not None for run in kept_runs)  # one run of the unpruned model per pass
+    kept_runs.clear()
+    again = _pruned_both_ways(model, feeds, monkeypatch, 1000)  # too little room: every refit runs its own
+    assert len(kept_runs) == 2 and all(run is None for run in kept_runs)
+    got = run_model(again, feeds)
+    for name, value in run_model(kept, feeds).items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shared_reference_is_reused_for_the_same_model_data_and_values_only(zoo_model):
+    """A budget search refits many candidates against one unpruned model on one data set: the values
+    are computed once; another model, other data or other values get their own."""
+    from edgec import ir as eir
+
+    path = zoo_model("bert", "torchscript")
+    model = cleaned(path)
+    feeds = zoo.zoo_inputs("bert", path, batch=4, seed=3)
+    blocks = list(PassContext().analyses.get("ffn", model))
+    fetch = [block.down.input for block in blocks]
+    shared: dict = {}
+
+    def reference(owner, original, data, names):
+        ctx = PassContext(options={common.CALIBRATION_FEEDS_KEY: data, common.REFERENCE_KEY: (owner, original),
+                                   common.REFERENCE_VALUES_KEY: shared})
+        return common.reference(owner, ctx, names)
+
+    first = reference(eir.clone(model), model, feeds, fetch)
+    assert reference(eir.clone(model), model, feeds, fetch) is first
+    assert reference(eir.clone(model), model, dict(feeds), fetch) is not first
+    assert reference(eir.clone(model), model, feeds, fetch[:1]) is not first
+    other = eir.clone(model)
+    assert reference(eir.clone(model), other, feeds, fetch).model is other
