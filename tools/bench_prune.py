@@ -246,11 +246,25 @@ def evaluate(exporter: str, rows: list[Row], data: dict, args) -> None:
     shape = "x".join(map(str, data["latency"]["input_ids"].shape))
     with stage(f"{exporter}: timing {shape}, {args.runs} interleaved runs of {len(sessions)} models"):
         ms = interleaved_medians(sessions, data["latency"], args.runs, args.warmup)
+    estimates = {row.key: estimated_ms(row, data["latency"]["input_ids"].shape) for row in live}
     for row in live:
         row.metrics["ms"] = ms[row.key]
         row.metrics["speedup"] = ms[base.key] / ms[row.key]
+        row.metrics["estimated_ms"] = estimates[row.key]
+        row.metrics["estimated_speedup"] = estimates[base.key] / estimates[row.key]
     for row in live:
         row.metrics["pareto"] = not any(_dominates(other.metrics, row.metrics) for other in live if other is not row)
+
+
+def estimated_ms(row: Row, shape: tuple[int, ...]) -> float:
+    """The x86-64 target's roofline estimate of the row's artifact (lowered already) at the timed shape:
+    what --prune auto and --latency-budget choose by, set beside the measured latency."""
+    from edgec.frontends.onnx import load_onnx
+    from edgec.pruning import estimate_ms
+    from edgec.targets import get_target
+
+    batch, length = shape
+    return estimate_ms(load_onnx(row.path), get_target("x86-64"), row.precision, {"batch": batch, "*": length})
 
 
 def _dominates(a: dict, b: dict) -> bool:
@@ -315,7 +329,7 @@ def results_table(results: dict[str, list[Row]], args) -> Table:
                         f"{f' and {args.review_samples} IMDB review sentences' if args.review_samples else ''}, evaluated on "
                         f"{args.sentences} polarity sentences; latency: medians of {args.runs} interleaved runs at "
                         f"{args.latency_shape}")
-    columns = ["export", "heads", "ffn", "recon", "prec", "size MB", "ms", "speedup", "emb cos mean", "emb cos min",
+    columns = ["export", "heads", "ffn", "recon", "prec", "size MB", "ms", "speedup", "est.", "emb cos mean", "emb cos min",
                "tok cos mean", "probe %", "probe drop", "wordsim rho", "pareto", "note"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("export", "recon", "prec", "pareto", "note") else "right",
@@ -332,7 +346,7 @@ def results_table(results: dict[str, list[Row]], args) -> Table:
                 table.add_row(*label, *["-"] * (len(columns) - 6), row.reason or "not run")
                 continue
             table.add_row(*label, f"{m['bytes'] / 1e6:.1f}", f"{m['ms']:.2f}", f"{m['speedup']:.2f}x",
-                          f"{m['embedding_cosine_mean']:.4f}", f"{m['embedding_cosine_min']:.4f}",
+                          f"{m['estimated_speedup']:.2f}x",                          f"{m['embedding_cosine_mean']:.4f}", f"{m['embedding_cosine_min']:.4f}",
                           f"{m['token_cosine_mean']:.4f}", f"{m['probe_accuracy']:.1f}", f"{m['probe_drop']:+.1f}",
                           f"{m['wordsim_spearman']:.4f}", "*" if m["pareto"] else "", "")
         table.add_section()
@@ -343,7 +357,8 @@ def print_notes(console: Console, results: dict[str, list[Row]]) -> None:
     console.print(f"{EMBEDDING_NOTE}. heads/ffn: share of all 72 heads / 9216 FFN neurons asked for (removed in "
                   "brackets; heads ranked over the model, FFN neurons evenly per layer with the refit, ranked "
                   "without); recon: least-squares reconstruction of the pruned projections; speedup: the "
-                  "unpruned fp32 median over the row's; emb/tok cos: cosine with the unpruned fp32 model's sentence "
+                  "unpruned fp32 median over the row's; est.: the same ratio of the x86-64 target's roofline "
+                  "estimates (what --latency-budget chooses by); emb/tok cos: cosine with the unpruned fp32 model's sentence "
                   "embedding / real tokens' last_hidden_state; probe: sklearn LogisticRegression, "
                   f"{PROBE_FOLDS}-fold stratified CV (seed {SEED}), drop in points below unpruned fp32; pareto: * where no "
                   "other row of the export is at least as fast and as close (speedup vs emb cos mean).", markup=False)
