@@ -245,6 +245,10 @@ def compile_model(
     model, onnx_path, export_tmp = load_source(source, exporter=options.exporter)
     try:
         original_nodes = eir.node_count(model)
+        fused = _onnxruntime_ops(model)
+        if fused and backend.name != "onnxruntime":
+            raise UserError(f"{source} holds onnxruntime's fused ops ({fused}), which the {backend.name} backend cannot "
+                            "lower", UNFUSED_FIX)
         # The source's files were listed for the output check; an export's are listed now.
         original_bytes = sum(f.stat().st_size for f in (sources or eir.model_files(onnx_path)))
         calib_feeds = _calibration_feeds(options.calib, model) if quantizing or prune is not None else None
@@ -516,6 +520,7 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     if precision not in target.precisions:
         precision = target.precisions[0]
     chosen = None
+    _check_prunable(model, ctx, prune, options.prune)
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
                         accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step,
@@ -544,6 +549,37 @@ def _batch_multiple(model) -> int:
 
     fixed = fixed_batch_sizes(graph_inputs(model))
     return max(fixed) if len(fixed) == 1 else 1
+
+
+UNFUSED_FIX = "give edgec the model as exported, before onnxruntime's optimizer (edgec fuses for the backend itself)"
+
+
+def _onnxruntime_ops(model) -> str:
+    """onnxruntime's contrib ops (com.microsoft) in `model`, as "Attention x6, BiasGelu x6" ('' when none)."""
+    from collections import Counter
+
+    counts = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == "com.microsoft")
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+
+
+def _check_prunable(model, ctx: PassContext, prune: PruneRequest, spec: str) -> None:
+    """A share asked of heads or FFN neurons where the model has none the passes can cut is a user error:
+    the compile would pass having removed nothing."""
+    from edgec.passes.blocks import trusted_blocks
+    from edgec.passes.prune.remove_attention_heads import _per_head_mask
+
+    heads = sum(block.heads for block in trusted_blocks(model, ctx)[0] if not _per_head_mask(model, block))
+    neurons = sum(block.intermediate for block in ctx.analyses.get("ffn", model))
+    missing = [what for what, asked, present in (("attention heads", prune.heads, heads), ("FFN neurons", prune.ffn, neurons))
+               if asked > 0 and not present]
+    if prune.auto and not heads and not neurons:
+        missing = ["attention heads", "FFN neurons"]
+    if not missing:
+        return
+    fused = _onnxruntime_ops(model)
+    why = f" (it holds onnxruntime's fused ops: {fused})" if fused else ""
+    raise UserError(f"--prune {spec}: the model has no {' or '.join(missing)} edgec can remove{why}",
+                    UNFUSED_FIX if fused else "prune what the model has (edgec inspect lists its attention and FFN blocks)")
 
 
 def _bindings(static_shapes) -> dict[str, int] | None:

@@ -224,6 +224,28 @@ def test_pruning_beyond_the_budget_is_refused_and_nothing_is_written(zoo_model, 
     assert result.report["pruning"]["heads"][0]["kept"] == 0  # every head gone: the layers pass through
 
 
+def test_a_model_fused_by_onnxruntime_is_refused_where_it_cannot_be_pruned_or_lowered(zoo_model, tmp_path):
+    """An onnxruntime-optimized model (its Attention and BiasGelu ops: what edgec's onnxruntime backend
+    writes) has no blocks the passes recognise: --prune would pass having removed nothing, and the
+    other backends cannot lower those ops. Both are one-line errors that say what to give instead."""
+    source = zoo_model("bert", "torchscript")
+    calib = _calibration(tmp_path)
+    fused = compile_model(source, _options(tmp_path)).artifact.path
+    ops = {(n.domain, n.op_type) for n in load_onnx(fused).graph}
+    assert ("com.microsoft", "Attention") in ops
+    for spec in ("heads=0.25", "heads=0.25,ffn=0.25"):
+        with pytest.raises(UserError, match=r"no attention heads edgec can remove \(it holds onnxruntime's fused ops: "
+                                            r"Attention x2") as error:
+            compile_model(fused, _options(tmp_path / spec, prune=spec, calib=calib))
+        assert "as exported, before onnxruntime's optimizer" in error.value.fix
+        assert not (tmp_path / spec / "out").exists()
+    with pytest.raises(UserError, match=r"fused ops \(Attention x2.*\), which the tflite backend cannot lower"):
+        compile_model(fused, _options(tmp_path / "tflite", target="snapdragon-8"))
+    # The near miss: FFN neurons the model still has (BiasGelu leaves the MatMuls) are found and cut.
+    result = compile_model(fused, _options(tmp_path / "ffn", prune="ffn=0.25", calib=calib, accuracy_budget=NO_BUDGET))
+    assert result.report["pruning"]["neurons_removed"] == NEURONS // 4
+
+
 def test_pruned_compiles_are_checked_on_the_mean_cosine():
     from edgec.compiler import _prune_tolerance
     from edgec.pruning import DEFAULT_PRUNE_BUDGET
@@ -279,3 +301,4 @@ def test_cli_prune_prints_the_table_and_a_bad_spec_is_one_line(zoo_model, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "heads" in err[0] and "Traceback" not in err[0]
     assert run_model(tmp_path / "cli" / "model.onnx", {k: v[:2] for k, v in np.load(calib).items()})
+

@@ -1,14 +1,19 @@
-"""What the pruning passes share: the even allocation of units over layers, and calibration batches
-that come shortest first, cut to their longest sample, with the same statistics as padded ones."""
+"""What the pruning passes share: the even allocation of units over layers, calibration batches that
+come shortest first, cut to their longest sample, with the same statistics as padded ones, the
+unpruned model's values kept for the refits, and the units a compile finds to prune."""
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 import zoo
-from prune_helpers import cleaned
+from prune_helpers import attention_layer, cleaned, ffn_layer
 
+from edgec.compiler import _check_prunable
+from edgec.errors import UserError
 from edgec.passes.core import PassContext
+from edgec.passes.manager import PassManager
 from edgec.passes.prune import common
+from edgec.pruning import parse_prune
 
 
 def test_even_shares_round_down_then_give_the_rest_to_the_largest_remainders():
@@ -135,7 +140,6 @@ def test_cut_batches_measure_what_padded_ones_do(zoo_model, exporter, monkeypatc
 
 def _pruned_both_ways(model, feeds, monkeypatch, limit: int) -> ir.Model:
     from edgec import ir as eir
-    from edgec.passes.manager import PassManager
 
     monkeypatch.setattr(common, "REFERENCE_BYTES", limit)
     copy = eir.clone(model)
@@ -190,3 +194,25 @@ def test_a_shared_reference_is_reused_for_the_same_model_data_and_values_only(zo
     assert reference(eir.clone(model), model, feeds, fetch[:1]) is not first
     other = eir.clone(model)
     assert reference(eir.clone(model), other, feeds, fetch).model is other
+
+
+def test_a_share_of_units_the_model_lacks_is_refused():
+    """`--prune` asks for shares of units the compile finds first: none of a kind asked for (or, for
+    auto, of either) is an error, where the compile would pass having removed nothing."""
+    def check(model, spec):
+        _check_prunable(model, PassContext(), parse_prune(spec), spec)
+
+    attention, ffn = attention_layer(), ffn_layer()
+    for spec in ("heads=0.25", "auto"):
+        check(attention, spec)
+    for spec in ("ffn=0.25", "auto"):
+        check(ffn, spec)
+    with pytest.raises(UserError, match=r"^--prune heads=0.1,ffn=0.25: the model has no FFN neurons edgec can remove: "
+                                        r"prune what the model has"):
+        check(attention, "heads=0.1,ffn=0.25")
+    with pytest.raises(UserError, match="^--prune heads=0.25: the model has no attention heads edgec can remove"):
+        check(ffn, "heads=0.25")
+    nothing = ffn_layer(activation="Relu")
+    PassManager("remove-ffn-neurons{neurons=0.0:0.1:0.2:0.3:0.4:0.5,reconstruct=false}", PassContext()).run(nothing)
+    with pytest.raises(UserError, match="no attention heads or FFN neurons edgec can remove"):
+        check(nothing, "auto")
