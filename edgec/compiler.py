@@ -520,11 +520,11 @@ def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: Com
     if precision not in target.precisions:
         precision = target.precisions[0]
     chosen = None
-    _check_prunable(model, ctx, prune, options.prune)
+    heads, neurons = _check_prunable(model, ctx, prune, options.prune)
     if prune.auto:
         chosen = search(model, feeds, target, precision, latency_budget_ms=options.latency_budget_ms,
                         accuracy_budget=options.accuracy_budget, reconstruct=prune.reconstruct, bindings=bindings, step=step,
-                        lowering=lowering, multiple=batch_multiple)
+                        lowering=lowering, multiple=batch_multiple, has_heads=heads > 0, has_ffn=neurons > 0)
         prune = dataclasses.replace(prune, heads=chosen.heads, ffn=chosen.ffn)
     ctx.options[CALIBRATION_FEEDS_KEY] = feeds
     ctx.options["progress"] = step
@@ -562,9 +562,9 @@ def _onnxruntime_ops(model) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
 
 
-def _check_prunable(model, ctx: PassContext, prune: PruneRequest, spec: str) -> None:
-    """A share asked of heads or FFN neurons where the model has none the passes can cut is a user error:
-    the compile would pass having removed nothing."""
+def _check_prunable(model, ctx: PassContext, prune: PruneRequest, spec: str) -> tuple[int, int]:
+    """The heads and FFN neurons the passes can cut. A share asked of a kind the model has none of is a
+    user error (and, for auto, of both): the compile would pass having removed nothing."""
     from edgec.passes.blocks import trusted_blocks
     from edgec.passes.prune.remove_attention_heads import _per_head_mask
 
@@ -575,7 +575,7 @@ def _check_prunable(model, ctx: PassContext, prune: PruneRequest, spec: str) -> 
     if prune.auto and not heads and not neurons:
         missing = ["attention heads", "FFN neurons"]
     if not missing:
-        return
+        return heads, neurons
     fused = _onnxruntime_ops(model)
     why = f" (it holds onnxruntime's fused ops: {fused})" if fused else ""
     raise UserError(f"--prune {spec}: the model has no {' or '.join(missing)} edgec can remove{why}",

@@ -151,14 +151,15 @@ def estimate_ms(model, target, precision: str, bindings: dict[str, int] | None, 
 
 def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: float | None, accuracy_budget: float | None,
            reconstruct: bool, bindings: dict[str, int] | None, step: Callable[[str], None], lowering: str = "",
-           multiple: int = 1) -> Search:
+           multiple: int = 1, has_heads: bool = True, has_ffn: bool = True) -> Search:
     """The heads and FFN shares for --prune auto, one mix per heads share of HEAD_RATIOS: with a
     latency budget each mix is the least FFN share that fits it and the one kept is the most accurate
     (checked against the accuracy budget when there is one); with only an accuracy budget each mix is
     the most FFN share that keeps it and the one kept has the least estimated latency. Either way the
     FFN share a mix needs never grows with its heads share, which bounds each binary search. The
     candidates are refit on some of `feeds` and measured on others (`split_for_search`, shares a
-    multiple of the batch size the model fixes, `multiple`)."""
+    multiple of the batch size the model fixes, `multiple`). A model without heads (or FFN neurons)
+    the passes can cut is searched over the other kind alone (`has_heads`, `has_ffn`)."""
     from edgec import ir as eir
     from edgec.passes.core import PassContext
     from edgec.passes.manager import PassManager
@@ -166,7 +167,8 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
     from edgec.passes.prune.common import CALIBRATION_FEEDS_KEY, REFERENCE_KEY, REFERENCE_VALUES_KEY, even_shares
     from edgec.verify import compare, run_model, token_mask
 
-    ffn_ratios = [round(RATIO_STEP * i, 4) for i in range(int(round(MAX_RATIO / RATIO_STEP)) + 1)]
+    ffn_ratios = [round(RATIO_STEP * i, 4) for i in range(int(round(MAX_RATIO / RATIO_STEP)) + 1)] if has_ffn else [0.0]
+    head_ratios = HEAD_RATIOS if has_heads else HEAD_RATIOS[:1]
     found = Search()
     fit, held_out = split_for_search(feeds, multiple)
     estimates: dict[tuple[float, float], float] = {}
@@ -242,7 +244,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
             return choose(0.0, 0.0, f"the model's estimated latency is already within {latency_budget_ms:g} ms")
         mixes = []
         top = len(ffn_ratios) - 1
-        for heads in HEAD_RATIOS:
+        for heads in head_ratios:
             if estimate(heads, ffn_ratios[top]) > latency_budget_ms:
                 continue
             over, fits = -1, top  # ffn_ratios[fits] fits the budget, ffn_ratios[over] does not (-1: none tried)
@@ -258,10 +260,11 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
             if fits == 0:  # more heads would only remove more than the budget needs
                 break
         if not mixes:
-            worst = estimate(HEAD_RATIOS[-1], ffn_ratios[-1])
-            raise UserError(f"--latency-budget {latency_budget_ms:g} ms is out of reach: pruning {HEAD_RATIOS[-1]:.0%} of the "
-                            f"heads and {ffn_ratios[-1]:.0%} of the FFN neurons gives an estimated {worst:.3g} ms on {target.name}",
-                            "raise the budget, or choose a faster --precision or target")
+            worst = estimate(head_ratios[-1], ffn_ratios[-1])
+            most = " and ".join(f"{share:.0%} of the {what}" for share, what in
+                                ((head_ratios[-1], "heads"), (ffn_ratios[-1], "FFN neurons")) if share)
+            raise UserError(f"--latency-budget {latency_budget_ms:g} ms is out of reach: pruning {most} gives an estimated "
+                            f"{worst:.3g} ms on {target.name}", "raise the budget, or choose a faster --precision or target")
         within = f"the least pruning whose estimated latency is within {latency_budget_ms:g} ms"
         if len(mixes) == 1 and accuracy_budget is None:
             return choose(*mixes[0], within)
@@ -278,7 +281,7 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
 
     kept = []  # (estimate, heads, ffn) of each mix that keeps the budget
     top = len(ffn_ratios) - 1
-    for heads in HEAD_RATIOS:
+    for heads in head_ratios:
         # The FFN share the previous heads share kept is the most this one can keep: tried first (the
         # usual answer), then a binary search below it.
         if cosine(heads, ffn_ratios[top]) >= accuracy_budget:
@@ -297,10 +300,12 @@ def search(model, feeds: dict, target, precision: str, *, latency_budget_ms: flo
             kept.append((estimate(heads, ffn_ratios[keeps]), heads, ffn_ratios[keeps]))
         top = keeps
     if not kept:
-        first_heads = cosines.get((HEAD_RATIOS[1], 0.0))
-        raise UserError(f"--accuracy-budget {accuracy_budget} allows no pruning: removing {ffn_ratios[1]:.0%} of the FFN "
-                        f"neurons already gives mean output cosine {cosines[0.0, ffn_ratios[1]]:.4f}"
-                        + (f", {HEAD_RATIOS[1]:.0%} of the heads {first_heads:.4f}" if first_heads is not None else ""),
+        firsts = [(f"{ffn_ratios[1]:.0%} of the FFN neurons", cosines[0.0, ffn_ratios[1]])] if has_ffn else []
+        if has_heads and (head_ratios[1], 0.0) in cosines:
+            firsts.append((f"{head_ratios[1]:.0%} of the heads", cosines[head_ratios[1], 0.0]))
+        raise UserError(f"--accuracy-budget {accuracy_budget} allows no pruning: removing "
+                        + ", ".join(f"{what} already gives mean output cosine {c:.4f}" if i == 0 else f"{what} {c:.4f}"
+                                    for i, (what, c) in enumerate(firsts)),
                         "lower the budget, or compile without --prune")
     _, heads, ffn = min(kept)
     return choose(heads, ffn, f"the least estimated latency of {len(kept)} mixes of heads and FFN neurons whose mean output "

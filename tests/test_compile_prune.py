@@ -241,9 +241,13 @@ def test_a_model_fused_by_onnxruntime_is_refused_where_it_cannot_be_pruned_or_lo
         assert not (tmp_path / spec / "out").exists()
     with pytest.raises(UserError, match=r"fused ops \(Attention x2.*\), which the tflite backend cannot lower"):
         compile_model(fused, _options(tmp_path / "tflite", target="snapdragon-8"))
-    # The near miss: FFN neurons the model still has (BiasGelu leaves the MatMuls) are found and cut.
+    # The near miss: FFN neurons the model still has (BiasGelu leaves the MatMuls) are found and cut,
+    # and --prune auto searches their shares alone.
     result = compile_model(fused, _options(tmp_path / "ffn", prune="ffn=0.25", calib=calib, accuracy_budget=NO_BUDGET))
     assert result.report["pruning"]["neurons_removed"] == NEURONS // 4
+    result = compile_model(fused, _options(tmp_path / "auto", prune="auto", calib=calib, accuracy_budget=0.99))
+    tried = result.report["pruning"]["search"]["tried"]
+    assert {t["heads"] for t in tried} == {0.0} and result.report["pruning"]["neurons_removed"] > 0
 
 
 def test_pruned_compiles_are_checked_on_the_mean_cosine():

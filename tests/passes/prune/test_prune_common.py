@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import zoo
-from prune_helpers import attention_layer, cleaned, ffn_layer
+from prune_helpers import attention_feeds, attention_layer, cleaned, ffn_layer
 
 from edgec.compiler import _check_prunable
 from edgec.errors import UserError
@@ -216,3 +216,25 @@ def test_a_share_of_units_the_model_lacks_is_refused():
     PassManager("remove-ffn-neurons{neurons=0.0:0.1:0.2:0.3:0.4:0.5,reconstruct=false}", PassContext()).run(nothing)
     with pytest.raises(UserError, match="no attention heads or FFN neurons edgec can remove"):
         check(nothing, "auto")
+
+
+def test_a_model_without_ffn_is_searched_over_its_heads_alone():
+    """--prune auto on attention alone: the heads shares are tried without FFN shares, and a budget
+    the first of them breaks says so."""
+    from edgec.pruning import HEAD_RATIOS, search
+    from edgec.targets import get_target
+
+    model = attention_layer()
+    feeds = attention_feeds(batch=16, sequence=6, seed=2)
+
+    def run(budget):
+        return search(model, feeds, get_target("x86-64"), "fp32", latency_budget_ms=None, accuracy_budget=budget,
+                      reconstruct=True, bindings=None, step=lambda m: None, has_ffn=False)
+
+    found = run(0.0)
+    assert (found.heads, found.ffn) == (HEAD_RATIOS[-1], 0.0)
+    assert {t["ffn"] for t in found.tried} == {0.0}
+    with pytest.raises(UserError, match=rf"allows no pruning: removing {HEAD_RATIOS[1]:.0%} of the heads already gives "
+                                        r"mean output cosine 0\.\d{4}: lower the budget"):
+        run(0.999999)
+
