@@ -206,9 +206,11 @@ class _Batches:
         return cut, mask[:, :length]
 
 
-def session(model: ir.Model, fetch: list[str]):
+def session(model: ir.Model, fetch: list[str], given: str | None = None):
     """An onnxruntime session of a copy of `model` cut down to computing the values in `fetch`: a
-    refit of layer i runs only layers up to i. Optimized: values that are outputs stay as they are."""
+    refit of layer i runs only layers up to i. With `given`, that value is an input the session is fed
+    instead of computing it, and what only it needed is cut too: the refit of layer i starts from the
+    residual stream of layer i - 1. Optimized: values that are outputs stay as they are."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     from edgec import ir as eir
@@ -216,6 +218,12 @@ def session(model: ir.Model, fetch: list[str]):
 
     runnable = eir.clone(model)
     values = {v.name: v for node in runnable.graph for v in node.outputs if v.name}
+    if given is not None:
+        computed = values.pop(given)
+        fed = ir.Value(name=given, shape=computed.shape, type=computed.type)
+        computed.name = None
+        computed.replace_all_uses_with(fed)
+        runnable.graph.inputs.append(fed)
     outputs = runnable.graph.outputs
     while len(outputs):
         outputs.pop()
@@ -295,6 +303,28 @@ class Reference:
             kept[start, end] = arrays
             progress(f"running the unpruned model {end}/{data.samples}")
         return kept
+
+
+class Carry:
+    """The residual stream one refit of a pass computed (the skip value its block's output is added
+    to), batch by batch, for the next refit to start from: refitting layer i then runs the pruned model
+    from layer i - 1 on, not from its inputs (for six layers, 12 layer runs where there were 21).
+    Rebuilding a block changes only what reads its skip value, so the value stays right."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self.order: np.ndarray | None = None
+        self.arrays: dict[tuple[int, int], np.ndarray] = {}
+
+    def start(self, model: ir.Model, data: "_Batches", fetch: list[str]) -> str | None:
+        """The value to feed a refit of `model` on `data` that fetches `fetch`, or None to run it whole."""
+        if self.name is None or self.name in fetch or self.order is None or not np.array_equal(self.order, data.order):
+            return None
+        produced = any(v.name == self.name for node in model.graph for v in node.outputs)
+        return self.name if produced and len(self.arrays) == len(data.spans()) else None
+
+    def keep(self, name: str | None, order: np.ndarray, arrays: dict[tuple[int, int], np.ndarray]) -> None:
+        self.name, self.order, self.arrays = name, order, arrays
 
 
 def run_fetch(sess, fetch: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -498,7 +528,7 @@ def skip_of(model: ir.Model, output: str) -> tuple[str, str] | None:
 
 def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_columns: np.ndarray,
           weight: np.ndarray, bias: np.ndarray | None, original: Reference, residual: tuple[str, str] | None = None,
-          progress: Progress = lambda m: None, what: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+          progress: Progress = lambda m: None, what: str = "", carry: Carry | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Ridge least squares: W' [k, out] and b' [out] with [X'_k, 1]·[W'; b'] ≈ [X, 1]·[W; b], X' the
     value `x_name` in `current` (kept columns only), X the same value in the original model
     (`original` holds it). A projection without a bias gets none (b' is None: no Add node
@@ -506,12 +536,15 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
 
     With `residual` (sum, skip), the target is what the original's residual sum needs from the block
     given the skip value the pruned model has now, R - S': the refit then also corrects what the
-    layers pruned before it changed in the residual stream."""
+    layers pruned before it changed in the residual stream. With `carry`, the run starts from the skip
+    value the last refit of the pass kept, and keeps this one's for the next."""
     data = _Batches(feeds, current)
     use_residual = residual is not None
     mine_fetch = [x_name, residual[1]] if use_residual else [x_name]
     theirs = residual[0] if use_residual else x_name
-    mine = session(current, mine_fetch)
+    given = carry.start(current, data, mine_fetch) if carry is not None else None
+    mine = session(current, mine_fetch, given)
+    carried, size = {}, 0
     k = len(kept_columns)
     intercept = bias is not None or k == 0
     width = k + intercept
@@ -520,7 +553,12 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
     direct = np.zeros((width, weight.shape[1]))
     for start, end in data.spans():
         chunk, mask = data.chunk(start, end)
+        if given is not None:
+            chunk[given] = carry.arrays[start, end]
         now = run_fetch(mine, mine_fetch, chunk)
+        if carry is not None and use_residual and carried is not None:
+            size += now[1].nbytes
+            carried = None if size > REFERENCE_BYTES else {**carried, (start, end): now[1]}
         before = original.rows(theirs, data, start, end, chunk, mask, progress)
         xk = rows(now[0], mask)[:, kept_columns]
         xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1) if intercept else xk
@@ -531,6 +569,8 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
             xo = before
             cross += xa.T @ np.concatenate([xo, np.ones((xo.shape[0], 1))], axis=1)
         progress(f"refitting {what} {end}/{data.samples}")
+    if carry is not None:
+        carry.keep(residual[1] if use_residual and carried is not None else None, data.order, carried or {})
     if use_residual:
         target = direct
     else:

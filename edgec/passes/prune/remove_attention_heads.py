@@ -129,6 +129,7 @@ class RemoveAttentionHeadsPass(Pass):
         if opts.reconstruct:
             fetch = [block.o.input for _, block, _ in plan] + [skip[0] for skip in skips if skip is not None]
             original = common.reference(model, ctx, fetch)
+        carry = common.Carry()  # each refit starts from the residual stream the last one computed
         for i, (layer, block, units) in enumerate(plan):
             kept = [u for u in range(block.kv_heads) if u not in units]
             o_weight = o_bias = None
@@ -137,7 +138,7 @@ class RemoveAttentionHeadsPass(Pass):
                 values = _values_by_name(model)
                 o_weight, o_bias = common.refit(model, feeds, block.o.input, kept_cols, blk.weight(values, block.o),
                                                 blk.bias(values, block.o), original, skips[i], progress,
-                                                f"attention {i + 1}/{len(plan)}")
+                                                f"attention {i + 1}/{len(plan)}", carry)
             gone = _query_heads(block, units)
             heads_gone = len(gone)
             common.record(ctx, KIND, {"layer": layer, "heads": block.heads, "removed": heads_gone,

@@ -227,6 +227,7 @@ class RemoveFfnNeuronsPass(Pass):
         skips = [common.skip_of(model, block.output) for block, _ in plan]
         fetch = [block.down.input for block, _ in plan] + [skip[0] for skip in skips if skip is not None]
         original = common.reference(model, ctx, fetch) if opts.reconstruct else None
+        carry = common.Carry()  # each refit starts from the residual stream the last one computed
         for i, (block, units) in enumerate(plan):
             kept = np.setdiff1d(np.arange(block.intermediate), units)
             weight = bias = None
@@ -234,7 +235,7 @@ class RemoveFfnNeuronsPass(Pass):
                 values = _values_by_name(model)
                 weight, bias = common.refit(model, feeds, block.down.input, kept, blk.weight(values, block.down),
                                             blk.bias(values, block.down), original, skips[i], progress,
-                                            f"feed-forward {i + 1}/{len(plan)}")
+                                            f"feed-forward {i + 1}/{len(plan)}", carry)
             common.record(ctx, KIND, {"layer": blocks.index(block), "neurons": block.intermediate, "removed": len(units),
                                       "kept": len(kept), "reconstructed": opts.reconstruct})
             rebuild_with_neurons(model, block, kept, weight, bias)

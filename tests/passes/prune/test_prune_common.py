@@ -238,3 +238,32 @@ def test_a_model_without_ffn_is_searched_over_its_heads_alone():
                                         r"mean output cosine 0\.\d{4}: lower the budget"):
         run(0.999999)
 
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_each_refit_starts_from_the_residual_stream_the_last_one_computed(zoo_model, arch, monkeypatch):
+    """A refit runs the pruned model from the skip value the previous refit of its pass kept, not from
+    the inputs: the pruned model is the one that runs it whole."""
+    from edgec import ir as eir
+    from edgec.verify import run_model
+
+    path = zoo_model(arch, "dynamo")
+    model = cleaned(path)
+    feeds = zoo.zoo_inputs(arch, path, batch=12, seed=3)
+    monkeypatch.setattr(common, "BATCH", 4)
+    starts = []
+    start = common.Carry.start
+    monkeypatch.setattr(common.Carry, "start", lambda self, *a: starts.append(start(self, *a)) or starts[-1])
+
+    def pruned():
+        copy = eir.clone(model)
+        PassManager("remove-attention-heads{ratio=0.5},remove-ffn-neurons{ratio=0.5}",
+                    PassContext(options={common.CALIBRATION_FEEDS_KEY: feeds})).run(copy)
+        return run_model(copy, feeds)
+
+    carried = pruned()
+    layers = len(list(PassContext().analyses.get("ffn", model)))
+    assert len(starts) == 2 * layers and starts[0] is None and starts[layers] is None
+    assert all(name is not None for name in starts[1:layers] + starts[layers + 1:])
+    monkeypatch.setattr(common.Carry, "start", lambda self, *a: None)
+    for name, value in pruned().items():
+        np.testing.assert_allclose(carried[name], value, rtol=1e-4, atol=1e-5)
