@@ -9,12 +9,13 @@ in accuracy, and which is cheaper depends on the model and on how much goes. On 
 (512 calibration sentences, sentence-embedding cosine on other text) removing 15% of the heads and
 40% of the FFN neurons kept 0.9231 where 30% of both kept 0.9158, for about the same FLOPs; yet a
 quarter of both kept 0.9378 where 40% of the FFN neurons alone (a few FLOPs fewer) kept 0.9316.
-With --latency-budget 2.67 on x86-64 (3.30 ms unpruned; 320 news sentences, 2.6 minutes on two cores)
+With --latency-budget 2.67 on x86-64 (3.30 ms unpruned; 320 news sentences, 2 minutes on two cores)
 the search chose 15% of the heads and 25% of the FFN neurons (0.9595 on its held-out samples; 0.9633 on
 the compile's check) over 35% of the neurons alone (0.9546) and 30% of the heads with 15% (0.9545).
-Most of that time is refits: each runs the pruned model up to its layer, and the unpruned model's
-values it reproduces are computed once for all the candidates (see common.Reference); 18 latency
-estimates need only the pruned shapes and rank nothing. The latency is the target's roofline
+Most of that time is refits: each runs the pruned model from the layer before its own (common.Carry),
+and the unpruned model's values they reproduce are computed once for all the candidates
+(common.Reference); 18 latency estimates need only the pruned shapes and rank nothing (4.4 minutes
+before those three). The latency is the target's roofline
 estimate (edgec.targets.cost) of the pruned model as the backend lowers it, at the compile's shapes,
 labelled as an estimate; the accuracy is the mean output cosine to the unpruned model on calibration
 samples held out from the candidates' refit (see SEARCH_SAMPLES), never the compile's check samples:
