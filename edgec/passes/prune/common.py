@@ -558,7 +558,9 @@ def refit(current: ir.Model, feeds: Mapping[str, np.ndarray], x_name: str, kept_
         now = run_fetch(mine, mine_fetch, chunk)
         if carry is not None and use_residual and carried is not None:
             size += now[1].nbytes
-            carried = None if size > REFERENCE_BYTES else {**carried, (start, end): now[1]}
+            carried[start, end] = now[1]
+            if size > REFERENCE_BYTES:  # too much to keep: the next refit runs from the inputs
+                carried = None
         before = original.rows(theirs, data, start, end, chunk, mask, progress)
         xk = rows(now[0], mask)[:, kept_columns]
         xa = np.concatenate([xk, np.ones((xk.shape[0], 1))], axis=1) if intercept else xk
