@@ -246,25 +246,30 @@ def evaluate(exporter: str, rows: list[Row], data: dict, args) -> None:
     shape = "x".join(map(str, data["latency"]["input_ids"].shape))
     with stage(f"{exporter}: timing {shape}, {args.runs} interleaved runs of {len(sessions)} models"):
         ms = interleaved_medians(sessions, data["latency"], args.runs, args.warmup)
-    estimates = {row.key: estimated_ms(row, data["latency"]["input_ids"].shape) for row in live}
+    floats = {(row.heads, row.ffn, row.reconstruct): row.path for row in live if row.precision == "fp32"}
+    estimates = {row.key: estimated_ms(floats.get((row.heads, row.ffn, row.reconstruct)), row.precision,
+                                       data["latency"]["input_ids"].shape) for row in live}
     for row in live:
         row.metrics["ms"] = ms[row.key]
         row.metrics["speedup"] = ms[base.key] / ms[row.key]
         row.metrics["estimated_ms"] = estimates[row.key]
-        row.metrics["estimated_speedup"] = estimates[base.key] / estimates[row.key]
+        row.metrics["estimated_speedup"] = estimates[base.key] / estimates[row.key] if estimates[row.key] else None
     for row in live:
         row.metrics["pareto"] = not any(_dominates(other.metrics, row.metrics) for other in live if other is not row)
 
 
-def estimated_ms(row: Row, shape: tuple[int, ...]) -> float:
-    """The x86-64 target's roofline estimate of the row's artifact (lowered already) at the timed shape:
-    what --prune auto and --latency-budget choose by, set beside the measured latency."""
+def estimated_ms(float_path: Path | None, precision: str, shape: tuple[int, ...]) -> float | None:
+    """The x86-64 target's roofline estimate at the timed shape, as a pruned compile makes it (what
+    --prune auto and --latency-budget choose by): of the float model as the backend lowers it (the row's
+    fp32 artifact), at the row's precision's peak. None without an fp32 artifact of the row's point."""
     from edgec.frontends.onnx import load_onnx
     from edgec.pruning import estimate_ms
     from edgec.targets import get_target
 
+    if float_path is None:
+        return None
     batch, length = shape
-    return estimate_ms(load_onnx(row.path), get_target("x86-64"), row.precision, {"batch": batch, "*": length})
+    return estimate_ms(load_onnx(float_path), get_target("x86-64"), precision, {"batch": batch, "*": length})
 
 
 def _dominates(a: dict, b: dict) -> bool:
@@ -346,7 +351,8 @@ def results_table(results: dict[str, list[Row]], args) -> Table:
                 table.add_row(*label, *["-"] * (len(columns) - 6), row.reason or "not run")
                 continue
             table.add_row(*label, f"{m['bytes'] / 1e6:.1f}", f"{m['ms']:.2f}", f"{m['speedup']:.2f}x",
-                          f"{m['estimated_speedup']:.2f}x",                          f"{m['embedding_cosine_mean']:.4f}", f"{m['embedding_cosine_min']:.4f}",
+                          f"{m['estimated_speedup']:.2f}x" if m["estimated_speedup"] else "-",
+                          f"{m['embedding_cosine_mean']:.4f}", f"{m['embedding_cosine_min']:.4f}",
                           f"{m['token_cosine_mean']:.4f}", f"{m['probe_accuracy']:.1f}", f"{m['probe_drop']:+.1f}",
                           f"{m['wordsim_spearman']:.4f}", "*" if m["pareto"] else "", "")
         table.add_section()
@@ -358,7 +364,8 @@ def print_notes(console: Console, results: dict[str, list[Row]]) -> None:
                   "brackets; heads ranked over the model, FFN neurons evenly per layer with the refit, ranked "
                   "without); recon: least-squares reconstruction of the pruned projections; speedup: the "
                   "unpruned fp32 median over the row's; est.: the same ratio of the x86-64 target's roofline "
-                  "estimates (what --latency-budget chooses by); emb/tok cos: cosine with the unpruned fp32 model's sentence "
+                  "estimates as a pruned compile makes them, of the float model at the row's precision (what "
+                  "--latency-budget chooses by); emb/tok cos: cosine with the unpruned fp32 model's sentence "
                   "embedding / real tokens' last_hidden_state; probe: sklearn LogisticRegression, "
                   f"{PROBE_FOLDS}-fold stratified CV (seed {SEED}), drop in points below unpruned fp32; pareto: * where no "
                   "other row of the export is at least as fast and as close (speedup vs emb cos mean).", markup=False)
