@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import prepare_data  # noqa: E402
 
+from edgec.errors import UserError  # noqa: E402
+
 
 def test_reviews_are_the_sentences_of_each_tagged_review(tmp_path):
     (tmp_path / "alldata-id-10.txt").write_text(
@@ -20,10 +22,16 @@ def test_reviews_are_the_sentences_of_each_tagged_review(tmp_path):
                                               "the cast was great", "what a waste of two hours ."]
 
 
-def test_a_review_line_without_its_tag_is_refused(tmp_path):
+def test_malformed_gensim_files_are_user_errors_that_say_to_reinstall(tmp_path):
     (tmp_path / "alldata-id-10.txt").write_text("_*0 a fine film indeed .\nno tag on this review line .\n")
-    with pytest.raises(ValueError, match="review tag"):
-        prepare_data.reviews(tmp_path)
+    (tmp_path / "pang_lee_polarity.cor").write_text("__label__pos a fine film .\n__label__meh so so .\n")
+    (tmp_path / "wordsim353.tsv").write_text("# Word 1\tWord 2\tHuman (mean)\ntiger\tcat\t7.35\nking queen 8.5\n")
+    for read, what in [(prepare_data.reviews, "unexpected review tag 'no'"),
+                       (prepare_data.polarity, "unexpected label '__label__meh'"),
+                       (prepare_data.wordsim, "not WORD<tab>WORD<tab>SCORE")]:
+        with pytest.raises(UserError, match=f"is not gensim's test data as shipped \\({what}") as error:
+            read(tmp_path)
+        assert error.value.fix == "reinstall gensim from its wheel"
 
 
 def test_reviews_npz_holds_the_imdb_sentences_none_of_them_a_polarity_sentence(polarity_npz):

@@ -53,12 +53,17 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def malformed(path: Path, what: str) -> UserError:
+    """A gensim data file that does not read as this script expects: a broken install, not a bug."""
+    return UserError(f"{path} is not gensim's test data as shipped ({what})", "reinstall gensim from its wheel")
+
+
 def polarity(folder: Path) -> tuple[list[str], np.ndarray]:
     sentences, labels = [], []
     for line in read_lines(folder / "pang_lee_polarity.cor"):
         label, _, sentence = line.partition(" ")
         if label not in LABELS:
-            raise ValueError(f"unexpected label {label!r} in pang_lee_polarity.cor")
+            raise malformed(folder / "pang_lee_polarity.cor", f"unexpected label {label!r}")
         sentences.append(sentence)
         labels.append(LABELS[label])
     return sentences, np.asarray(labels, dtype=np.int64)
@@ -70,9 +75,13 @@ def wordsim(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     for line in read_lines(folder / "wordsim353.tsv"):
         if line.startswith("#"):
             continue
-        a, b, score = line.split("\t")
+        try:
+            a, b, score = line.split("\t")
+            score = float(score)
+        except ValueError:
+            raise malformed(folder / "wordsim353.tsv", f"not WORD<tab>WORD<tab>SCORE: {line[:40]!r}") from None
         pairs.append([words.setdefault(a, len(words)), words.setdefault(b, len(words))])
-        scores.append(float(score))
+        scores.append(score)
     return list(words), np.asarray(pairs, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 
@@ -88,7 +97,7 @@ def reviews(folder: Path) -> list[str]:
     for line in read_lines(folder / "alldata-id-10.txt"):
         tag, _, text = line.partition(" ")
         if not tag.startswith("_*"):
-            raise ValueError(f"unexpected review tag {tag!r} in alldata-id-10.txt")
+            raise malformed(folder / "alldata-id-10.txt", f"unexpected review tag {tag!r}")
         documents.append(text)
     return sentences_of(documents)
 
