@@ -558,7 +558,9 @@ def _onnxruntime_ops(model) -> str:
     """onnxruntime's contrib ops (com.microsoft) in `model`, as "Attention x6, BiasGelu x6" ('' when none)."""
     from collections import Counter
 
-    counts = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == "com.microsoft")
+    from edgec.passes.fuse.lower_attention import MS_DOMAIN
+
+    counts = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == MS_DOMAIN)
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
 
 

@@ -44,6 +44,7 @@ from bench_int8 import (EMBEDDING_NOTE, NO_TOLERANCE, PROBE_FOLDS, SEED, last_hi
 from edgec import ir as eir  # noqa: E402
 from edgec.compiler import CompileOptions, compile_model  # noqa: E402
 from edgec.errors import UserError  # noqa: E402
+from edgec.frontends.onnx import load_onnx  # noqa: E402
 from edgec.frontends.torch import EXPORTERS  # noqa: E402
 from edgec.passes.core import PassContext  # noqa: E402
 from edgec.passes.manager import PassManager  # noqa: E402
@@ -246,7 +247,7 @@ def evaluate(exporter: str, rows: list[Row], data: dict, args) -> None:
     shape = "x".join(map(str, data["latency"]["input_ids"].shape))
     with stage(f"{exporter}: timing {shape}, {args.runs} interleaved runs of {len(sessions)} models"):
         ms = interleaved_medians(sessions, data["latency"], args.runs, args.warmup)
-    floats = {(row.heads, row.ffn, row.reconstruct): row.path for row in live if row.precision == "fp32"}
+    floats = {(row.heads, row.ffn, row.reconstruct): load_onnx(row.path) for row in live if row.precision == "fp32"}
     estimates = {row.key: estimated_ms(floats.get((row.heads, row.ffn, row.reconstruct)), row.precision,
                                        data["latency"]["input_ids"].shape) for row in live}
     for row in live:
@@ -258,18 +259,17 @@ def evaluate(exporter: str, rows: list[Row], data: dict, args) -> None:
         row.metrics["pareto"] = not any(_dominates(other.metrics, row.metrics) for other in live if other is not row)
 
 
-def estimated_ms(float_path: Path | None, precision: str, shape: tuple[int, ...]) -> float | None:
+def estimated_ms(float_model, precision: str, shape: tuple[int, ...]) -> float | None:
     """The x86-64 target's roofline estimate at the timed shape, as a pruned compile makes it (what
     --prune auto and --latency-budget choose by): of the float model as the backend lowers it (the row's
     fp32 artifact), at the row's precision's peak. None without an fp32 artifact of the row's point."""
-    from edgec.frontends.onnx import load_onnx
     from edgec.pruning import estimate_ms
     from edgec.targets import get_target
 
-    if float_path is None:
+    if float_model is None:
         return None
     batch, length = shape
-    return estimate_ms(load_onnx(float_path), get_target("x86-64"), precision, {"batch": batch, "*": length})
+    return estimate_ms(float_model, get_target("x86-64"), precision, {"batch": batch, "*": length})
 
 
 def _dominates(a: dict, b: dict) -> bool:
