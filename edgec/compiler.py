@@ -567,10 +567,9 @@ def _onnxruntime_ops(model) -> str:
 def _check_prunable(model, ctx: PassContext, prune: PruneRequest, spec: str) -> tuple[int, int]:
     """The heads and FFN neurons the passes can cut. A share asked of a kind the model has none of is a
     user error (and, for auto, of both): the compile would pass having removed nothing."""
-    from edgec.passes.blocks import trusted_blocks
-    from edgec.passes.prune.remove_attention_heads import _per_head_mask
+    from edgec.passes.prune.remove_attention_heads import removable_heads
 
-    heads = sum(block.heads for block in trusted_blocks(model, ctx)[0] if not _per_head_mask(model, block))
+    heads = removable_heads(model, ctx)
     neurons = sum(block.intermediate for block in ctx.analyses.get("ffn", model))
     missing = [what for what, asked, present in (("attention heads", prune.heads, heads), ("FFN neurons", prune.ffn, neurons))
                if asked > 0 and not present]

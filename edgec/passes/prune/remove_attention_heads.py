@@ -209,6 +209,11 @@ class RemoveAttentionHeadsPass(Pass):
         return common.allocate(opts.allocation, list(orders), list(costs), shares, groups)
 
 
+def removable_heads(model: ir.Model, ctx: PassContext) -> int:
+    """How many heads the pass can remove: those of the proven blocks whose mask has no head axis."""
+    return sum(block.heads for block in blk.trusted_blocks(model, ctx)[0] if not _per_head_mask(model, block))
+
+
 def _per_head_mask(model: ir.Model, block: AttentionBlock) -> bool:
     """A mask with a head axis of the block's head count: cutting heads would need cutting it too."""
     if block.mask_value is None:
