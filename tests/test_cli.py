@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 
 from edgec import ir as eir
@@ -12,7 +14,7 @@ from edgec.cli import main
 from edgec.passes.core import Pass, PassResult
 from edgec.passes.instruments import PassBrokeModel
 from edgec.passes.registry import register_pass
-from edgec.testing import parse
+from edgec.testing import graph, parse
 
 MODEL = """
 <ir_version: 10, opset_import: ["" : 20]>
@@ -225,6 +227,27 @@ def test_inspect_table(model_file):
     rc, stdout, stderr = run_cli("inspect", model_file, "--target", "x86-64")
     assert rc == 0, stderr
     assert "input_ids" in stdout and "Gather" in stdout and "parameters" in stdout
+
+
+def test_inspect_does_not_call_ops_the_backend_runs_ones_the_target_cannot_run(tmp_path):
+    # A weight-only int4 MatMul (com.microsoft) is outside x86-64's standard op set, but the onnxruntime
+    # backend takes it and its runtime runs it.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = graph("g (float[batch,seq,64] a) => (float[batch,seq,32] y)", "h = MatMul(a, w)\ny = Relu(h)",
+                  "float[64,32] w = {" + ",".join(["0"] * 64 * 32) + "}")
+    model.graph.initializers["w"].const_value = ir.tensor(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32))
+    quantizer = MatMulNBitsQuantizer(eir.to_proto(model), bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    path = tmp_path / "int4.onnx"
+    onnx.save(quantizer.model.model, path)
+    rc, stdout, stderr = run_cli("inspect", path, "--target", "x86-64")
+    assert rc == 0, stderr
+    assert "MatMulNBits" in stdout and "cannot run" not in stdout
+    assert "which the onnxruntime backend's runtime runs" in stdout and "takes every node" in stdout
+    # The FLOPs are the MatMul's: 2·128·64·32 at the default bindings.
+    info = json.loads(run_cli("inspect", path, "--json")[1])
+    assert info["flops"] >= 2 * 128 * 64 * 32
 
 
 def test_opt_prints_after_change_and_stats(model_file, tmp_path):
