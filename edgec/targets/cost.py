@@ -38,6 +38,19 @@ def estimate_node_seconds(
     return max(flops / chosen.peak_ops[precision], bytes_moved / target.memory_bandwidth)
 
 
+# Ops that compute in integers whatever precision the rest of the model runs at (a model quantized before
+# edgec saw it): where the target computes int8, they are timed at its int8 peak.
+INTEGER_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                         "ConvInteger", "QLinearConv", "QGemm", "QAttention"})
+
+
+def node_precision(op_type: str, target: Target, precision: str) -> str:
+    """The precision a node of `op_type` computes at in a model estimated at `precision`."""
+    return "int8" if op_type in INTEGER_OPS and "int8" in target.precisions else precision
+
+
 def estimate_model_seconds(cost, target: Target, precision: str) -> float:
-    """Roofline estimate of a whole model: the sum of its nodes' (`cost` is an analysis.cost.ModelCost)."""
-    return sum(estimate_node_seconds(n.flops, n.bytes, target, precision) for n in cost.nodes)
+    """Roofline estimate of a whole model: the sum of its nodes' (`cost` is an analysis.cost.ModelCost),
+    each at `precision` but the integer ops (`INTEGER_OPS`), at int8 where the target has it."""
+    return sum(estimate_node_seconds(n.flops, n.bytes, target, node_precision(n.op_type, target, precision))
+               for n in cost.nodes)

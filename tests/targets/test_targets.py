@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from edgec.targets import (
     load_target_file,
     target_names,
 )
-from edgec.targets.cost import best_unit, estimate_node_seconds
+from edgec.targets.cost import best_unit, estimate_model_seconds, estimate_node_seconds
 
 PROFILE_FILES = sorted(PROFILES_DIR.glob("*.toml"))
 SHIPPED = ["apple-a17", "jetson-orin-nano", "raspberry-pi-5", "snapdragon-8", "x86-64", "x86-64-avx2"]
@@ -213,6 +214,23 @@ def test_roofline_picks_the_fastest_unit() -> None:
         estimate_node_seconds(1.0, 1.0, target, "int16", unit="gpu")
     with pytest.raises(UserError, match="no unit that computes in bf16"):
         estimate_node_seconds(1.0, 1.0, target, "bf16")
+
+
+def test_integer_ops_of_a_quantized_model_are_timed_at_the_int8_peak() -> None:
+    """A model quantized before edgec saw it (MatMulInteger, QLinearMatMul, ...) is estimated at fp32,
+    but its integer ops compute in int8; the float ones, and a target without int8, stay at fp32."""
+    from edgec.analysis.cost import ModelCost, NodeCost
+
+    flops = 1e12  # compute-bound on every shipped target
+    cost = ModelCost(nodes=[NodeCost("q", "MatMulInteger", flops, 1e3), NodeCost("f", "MatMul", flops, 1e3)])
+    target = get_target("raspberry-pi-5")
+    peaks = target.unit("cpu").peak_ops
+    assert estimate_model_seconds(cost, target, "fp32") == pytest.approx(flops / peaks["int8"] + flops / peaks["fp32"])
+    no_int8 = dataclasses.replace(target, units=tuple(
+        dataclasses.replace(u, peak_ops={p: v for p, v in u.peak_ops.items() if p != "int8"},
+                            precisions=tuple(p for p in u.precisions if p != "int8")) for u in target.units))
+    assert "int8" not in no_int8.precisions
+    assert estimate_model_seconds(cost, no_int8, "fp32") == pytest.approx(2 * flops / peaks["fp32"])
 
 
 class _FakeEntryPoint:
