@@ -75,11 +75,23 @@ def cmd_compile(args) -> int:
     if not result.passed:
         err.print(
             f"edgec: verification failed: {'; '.join(result.failures)}. The artifact was not written; "
-            f"report in {result.report_path}. Widen with --tolerance, or find the pass with --verify-each.",
+            f"report in {result.report_path}. {_failure_fix(report)}",
             markup=False,
         )
         return 1
     return 0
+
+
+def _failure_fix(report: dict) -> str:
+    """What to do about a failed check: a pruned model's is its accuracy budget, not --tolerance."""
+    pruning = report.get("pruning")
+    if not pruning:
+        return "Widen with --tolerance, or find the pass with --verify-each."
+    accept = "or accept the loss with a lower --accuracy-budget (the least mean cosine the pruned model may keep)."
+    if pruning.get("search"):
+        return ("--prune auto chose on calibration samples, which the check's data is not like enough: "
+                f"calibrate on data like the check's, {accept}")
+    return f"Prune less (smaller --prune shares), calibrate on data like the check's, {accept}"
 
 
 def _pass_table(rows: list[dict], title: str) -> Table:

@@ -215,7 +215,7 @@ def compile_model(
     manager.check_counter(counter)
     # Approximate passes are measured on calibration data when there is some: that is the data the
     # user says the model will see, and the accuracy budget (--tolerance) is checked on it.
-    approximate = list(dict.fromkeys(p.spec() for p in manager.passes() if p.approximate))
+    approximate = _approximate(manager)
     check_precision(options.precision, target, backend, options.calib, approximate)
     tolerance = parse_tolerance(options.tolerance, options.precision)
     if prune is not None:
@@ -341,6 +341,7 @@ def compile_model(
         else:
             result, pruning, manager = _run_with_pruning(model, prune, ctx, options, target, backend, calib_feeds,
                                                          batch_multiple, static_shapes, (pipeline_text, lowering), step)
+            approximate = _approximate(manager)  # --prune auto's shares are known only now
         model = result.model
         t = mark("passes", t)
         quantization = None
@@ -502,6 +503,11 @@ def _prune_tolerance(tolerance: dict, options: CompileOptions) -> dict:
     own = options.accuracy_budget is not None and options.precision != "mixed"
     checked["min_cosine_mean"] = options.accuracy_budget if own else DEFAULT_PRUNE_BUDGET
     return checked
+
+
+def _approximate(manager: PassManager) -> list[str]:
+    """The approximate passes of the pipeline, as the report and a failed check name them."""
+    return list(dict.fromkeys(p.spec() for p in manager.passes() if p.approximate))
 
 
 def _run_with_pruning(model, prune: PruneRequest, ctx: PassContext, options: CompileOptions, target: Target, backend: Backend,

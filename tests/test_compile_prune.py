@@ -9,6 +9,7 @@ import pytest
 from edgec.analysis.attention import find_attention
 from edgec.analysis.structure import find_feed_forward
 from edgec.cli import main
+from edgec.commands import _failure_fix
 from edgec.compiler import CompileOptions, compile_model
 from edgec.errors import UserError
 from edgec.frontends.onnx import load_onnx
@@ -115,6 +116,10 @@ def test_prune_auto_meets_a_latency_budget_with_the_most_accurate_least_pruning(
     search = pruning["search"]
     chosen = (search["heads"], search["ffn"])
     assert chosen != (0.0, 0.0) and (pruning["heads_ratio"], pruning["ffn_ratio"]) == chosen
+    # The report (and a failed check's message) names the passes with the shares chosen.
+    assert result.report["verification"]["approximate_passes"] == [spec for spec, share in (
+        (f"remove-attention-heads{{ratio={chosen[0]:g}}}", chosen[0]), (f"remove-ffn-neurons{{ratio={chosen[1]:g}}}", chosen[1]))
+        if share]
     assert pruning["estimated_latency_ms"]["after"] <= budget
     estimates, cosines = _tried(search, "estimated_ms"), _tried(search, "cosine_mean")
     # Several mixes fit; each is its heads share's least FFN share (one step less is over the budget),
@@ -299,6 +304,15 @@ def test_cli_prune_prints_the_table_and_a_bad_spec_is_one_line(zoo_model, tmp_pa
     assert code == 0
     printed = "".join(capsys.readouterr().out.split())  # the title wraps at the console's width
     assert "chosenasthemostaccurateof" in printed and "mixesofheadsandFFNneurons" in printed
+    # A pruned model that fails its check is told about the accuracy budget it broke, not --tolerance.
+    code = main(["compile", str(source), "--target", "x86-64", "-o", str(tmp_path / "cli4"), "--prune", "heads=1.0,ffn=1.0",
+                 "--calib", str(calib), "--accuracy-budget", "0.99999"])
+    assert code == 1 and not (tmp_path / "cli4" / "model.onnx").exists()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "breaks the accuracy budget" in err and "Prune less" in err and "lower --accuracy-budget" in err
+    assert "--tolerance" not in err
+    assert "--prune auto chose on calibration samples" in _failure_fix({"pruning": {"search": {"heads": 0.15}}})
+    assert "--tolerance" in _failure_fix({"pruning": None})
     code = main(["compile", str(source), "--target", "x86-64", "-o", str(tmp_path / "cli2"), "--prune", "heads=lots",
                  "--calib", str(calib)])
     assert code == 2
